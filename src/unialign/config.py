@@ -1,0 +1,189 @@
+"""One flat, TRL-style config for every method, loadable from YAML with ``key=value`` overrides.
+
+``UnialignConfig`` extends :class:`transformers.TrainingArguments`, so every Trainer option
+(``report_to``, ``deepspeed``, ``fsdp``, ``save_steps``, ``bf16``, ...) works under its usual name.
+Method hyperparameters follow TRL's names (``beta``, ``loss_type``, ``label_smoothing``,
+``max_length``, ``max_prompt_length``, ``precompute_ref_log_probs``). Fields a method has paper
+defaults for (``beta``, ``learning_rate``, ...) stay ``None`` until the method fills them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+from unialign.losses.registry import get_method
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+FORMATS = ("auto", "pairwise", "binary", "score", "triple", "listwise", "prompt", "sft")
+
+# Fields whose values must be one of a fixed set: checked with a message naming the choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset_format": FORMATS,
+    "una_loss": ("mse", "bce"),
+    "on_bad_row": ("error", "drop"),
+    "logprob_impl": ("auto", "chunked", "full"),
+    "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
+}
+
+
+@dataclass
+class UnialignConfig(TrainingArguments):
+    """Everything one training run needs. See docs/config.md for the full list."""
+
+    # --- what to train
+    loss_type: str = field(default="dpo", metadata={"help": "method name; `unialign methods` lists them"})
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL, metadata={"help": "HF id, local dir, .gguf file or smollm2-135m-instruct"}
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "separate reference model (default: the policy's initial weights)"}
+    )
+    torch_dtype: str = field(default="float32", metadata={"help": "weights dtype"})
+    trust_remote_code: bool = False
+    allow_pickle: bool = field(default=False, metadata={"help": "allow loading .bin/.pt weights (unsafe pickle)"})
+    # --- data
+    dataset: str | None = field(
+        default=None, metadata={"help": "jsonl/json/parquet file, datasets dir, hub name, or bundled"}
+    )
+    dataset_format: str = "auto"
+    eval_dataset: str | None = None
+    max_length: int = 512
+    max_prompt_length: int | None = 256
+    on_bad_row: str = field(
+        default="error", metadata={"help": "error: stop at the first bad row; drop: skip, count and report it"}
+    )
+    score_range: list[float] | None = field(
+        default=None, metadata={"help": "[low, high] of the score column, e.g. [0, 4]"}
+    )
+    # --- method hyperparameters (None = the method's paper default)
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    una_loss: str = "mse"
+    z0: float | None = None
+    reward_scale: float = 1.0
+    reward_shift: float = 0.0
+    alpha: float | None = None
+    gamma: float | None = None
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    rm_margin: float = 0.0
+    center_rewards_coefficient: float | None = None
+    # --- reference
+    precompute_ref_log_probs: bool = False
+    # --- LoRA
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    save_merged: bool = field(
+        default=True, metadata={"help": "save LoRA runs merged into full weights (False: adapter only)"}
+    )
+    # --- speed
+    logprob_impl: str = field(
+        default="auto", metadata={"help": "chunked: never build full-vocab logits; full: plain logits"}
+    )
+    logprob_chunk_size: int = 1024
+    # --- TrainingArguments defaults that suit preference training
+    learning_rate: float | None = None  # type: ignore[assignment]
+    logging_steps: float = 1
+    remove_unused_columns: bool = False
+    save_strategy: str = "no"
+    output_dir: str | None = None
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"config key {name!r} is {getattr(self, name)!r}; allowed values: {', '.join(allowed)}"
+                )
+        method = get_method(self.loss_type)
+        self.loss_type = method.name
+        for key, value in method.defaults.items():
+            if getattr(self, key, None) is None:
+                setattr(self, key, value)
+        for key, value in {"beta": 0.1, "alpha": 1.0, "gamma": 0.5, "z0": 0.0, "learning_rate": 5e-7}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.loss_type}"
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"config key 'max_prompt_length' ({self.max_prompt_length}) must be smaller than "
+                f"'max_length' ({self.max_length}) so every completion keeps at least one token"
+            )
+        if self.score_range is not None and (len(self.score_range) != 2 or self.score_range[0] >= self.score_range[1]):
+            raise ValueError(f"config key 'score_range' must be [low, high] with low < high, got {self.score_range}")
+        super().__post_init__()
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    """Every key a config may set."""
+    return {f.name: f for f in dataclasses.fields(UnialignConfig) if f.init}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None, **kwargs: Any
+) -> UnialignConfig:
+    """Build a config from a YAML file, ``key=value`` overrides and keyword arguments (in that order).
+
+    Unknown keys are errors that name the key. Relative dataset and model paths in a YAML file are
+    resolved against the file's folder, so a config works from any working directory.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(_resolve_paths(loaded, path.parent))
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    elif overrides:
+        values.update(parse_overrides(overrides))
+    values.update(kwargs)
+    known = config_fields()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hint = _close_matches(unknown[0], known)
+        raise ValueError(
+            f"unknown config key {unknown[0]!r}{hint}" + (f" (also unknown: {unknown[1:]})" if unknown[1:] else "")
+        )
+    return UnialignConfig(**values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["beta=0.1", "use_peft=true"]`` into typed values (parsed as YAML scalars)."""
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(raw) if raw else None
+    return parsed
+
+
+_INPUT_PATH_KEYS = ("dataset", "eval_dataset", "model_name_or_path", "ref_model_name_or_path")
+
+
+def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    resolved = dict(values)
+    for key in _INPUT_PATH_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            resolved[key] = str((base / value).resolve())
+    return resolved
+
+
+def _close_matches(key: str, known: dict[str, Any]) -> str:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(known), n=3)
+    return f"; did you mean {', '.join(matches)}?" if matches else "; `unialign train --help` lists the keys"

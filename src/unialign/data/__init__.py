@@ -1,0 +1,1 @@
+"""Datasets: feedback formats, loading, converters, tokenization and batching."""

@@ -1,0 +1,155 @@
+"""Tokenization (SPEC §1): prompt and completions separately, chat templates, truncation, drops.
+
+Prompt and completion are tokenized on their own and concatenated, so no token merges across the
+boundary. Conversation prompts go through the chat template with ``add_generation_prompt=True``; a
+completion is its text plus EOS. Truncation keeps the end of the prompt and the start of each
+completion and never leaves a completion empty; a row whose prompt alone fills the budget is
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from unialign.data.errors import DataError
+from unialign.data.formats import Example, validate_row
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids of one row plus its feedback; reference log-probs are filled in when precomputed."""
+
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    row: int
+    labels: list[float] | None = None
+    scores: list[float] | None = None
+    rewards: list[float] | None = None
+    kl_completion_ids: list[int] | None = None
+    ref_logps: list[float] | None = None
+    ref_prompt_logps: float | None = None
+    ref_kl_logps: float | None = None
+
+
+@dataclass
+class DropReport:
+    """Rows left out of training, counted by reason, with the first few row numbers of each."""
+
+    total: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, reason: str, row: int) -> None:
+        """Count one dropped row."""
+        self.reasons[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(row + 1)
+
+    @property
+    def dropped(self) -> int:
+        """How many rows were dropped."""
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        """One line per reason, for logs and the run directory."""
+        if not self.dropped:
+            return f"kept all {self.total} rows"
+        parts = [f"{count} × {reason} (rows {self.examples[reason]}…)" for reason, count in self.reasons.items()]
+        return f"dropped {self.dropped} of {self.total} rows: " + "; ".join(parts)
+
+
+def encode_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a prompt: chat template with the generation prompt for conversations."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_completion(completion: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a completion: the assistant text followed by EOS."""
+    text = completion[0]["content"] if isinstance(completion, list) else completion
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_example(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int | None
+) -> TokenizedExample:
+    """Tokenize and truncate one validated row.
+
+    Raises:
+        DataError: when the prompt alone leaves no room for a completion token (a counted drop).
+    """
+    prompt_ids = encode_prompt(example.prompt, tokenizer)
+    if not prompt_ids:
+        raise DataError("tokenizes to no tokens; a prompt needs at least one", row=example.row, field="prompt")
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    if budget < 1:
+        raise DataError(
+            f"prompt alone has {len(prompt_ids)} tokens, over max_length={max_length}", row=example.row, field="prompt"
+        )
+    completions = [encode_completion(c, tokenizer)[:budget] for c in example.completions]
+    return TokenizedExample(
+        prompt_ids, completions, example.row, labels=example.labels, scores=example.scores, rewards=example.rewards
+    )
+
+
+def tokenize_rows(
+    rows: list[dict[str, Any]],
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    source: str = "dataset",
+    on_bad_row: str = "error",
+    score_range: tuple[float, float] | None = None,
+) -> tuple[list[TokenizedExample], DropReport]:
+    """Validate and tokenize every row.
+
+    Over-long prompts are always dropped and counted (SPEC §1). Other bad rows raise a
+    :class:`DataError` naming source, row and field, or, with ``on_bad_row="drop"``, are counted.
+    """
+    report = DropReport(total=len(rows))
+    examples = []
+    for index, row in enumerate(rows):
+        try:
+            example = validate_row(row, fmt, index, source, score_range)
+            examples.append(tokenize_example(example, tokenizer, max_length, max_prompt_length))
+        except DataError as err:
+            overlong = err.field == "prompt" and "over max_length" in err.problem
+            if not overlong and on_bad_row == "error":
+                if err.source is None:
+                    err = DataError(err.problem, source=source, row=index, field=err.field)
+                raise err from None
+            report.add(
+                f"{err.field}: {err.problem.split(';')[0]}" if not overlong else "prompt longer than max_length", index
+            )
+    if report.dropped:
+        logger.warning("%s: %s", source, report.summary())
+    if not examples:
+        raise DataError(f"no usable rows ({report.summary()})", source=source)
+    return examples, report
+
+
+def attach_kl_pairs(examples: list[TokenizedExample], max_length: int) -> None:
+    """Give each row the first completion of the next row (cyclically) for KTO's KL estimate.
+
+    Pairing by dataset order rather than within a batch makes the estimate independent of batch
+    size and lets reference log-probs of the pairs be precomputed.
+    """
+    if len(examples) < 2:
+        raise DataError("KTO's KL estimate pairs each prompt with another row's completion; it needs at least 2 rows")
+    for index, example in enumerate(examples):
+        other = examples[(index + 1) % len(examples)].completion_ids[0]
+        example.kl_completion_ids = other[: max_length - len(example.prompt_ids)]

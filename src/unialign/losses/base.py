@@ -1,0 +1,125 @@
+"""The contract between the trainer and every loss.
+
+A batch of ``B`` dataset rows becomes ``B`` prompts with ``K`` completion *slots* each. The slot
+layout is fixed per feedback format (see :data:`SLOTS`); listwise rows may fill fewer than ``K``
+slots, which ``completion_mask`` records. The trainer computes the log-probs a method declares it
+needs and hands them over in a :class:`MethodInputs`; a loss is a pure function of those tensors and
+returns a :class:`LossOutput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Slot order per feedback format. Losses index slots by these positions.
+SLOTS: dict[str, tuple[str, ...]] = {
+    "pairwise": ("chosen", "rejected"),
+    "triple": ("reference", "chosen", "rejected"),
+    "binary": ("completion",),
+    "score": ("completion",),
+    "sft": ("completion",),
+    "listwise": (),  # variable number of completions, masked
+}
+
+
+@dataclass
+class MethodInputs:
+    """Per-sequence quantities for one micro-batch. All ``(B, K)`` tensors share the slot layout.
+
+    Attributes:
+        policy_logps: summed completion log-probs under the policy (EOS included, prompt excluded).
+        lengths: number of completion tokens per slot (0 for an empty slot).
+        completion_mask: ``True`` where the slot holds a real completion.
+        ref_logps: the same sums under the reference, or ``None`` when the method needs none.
+        targets: per-slot explicit feedback in [0, 1] (binary labels or normalized scores).
+        rewards: per-slot explicit rewards, unnormalized (reward models, judges, RAO, distill).
+        prompt_logps / ref_prompt_logps: ``(B,)`` summed log-probs of the prompt tokens after the
+            shared first token ``t0`` (RAO's prefix-consistency term).
+        kl_logps / ref_kl_logps: ``(B,)`` log-probs of mismatched (prompt, completion) pairs for
+            KTO's KL estimate.
+        rm_rewards: ``(B, K)`` scalar outputs of a sequence-classification head (reward-model training).
+    """
+
+    policy_logps: Tensor
+    lengths: Tensor
+    completion_mask: Tensor
+    ref_logps: Tensor | None = None
+    targets: Tensor | None = None
+    rewards: Tensor | None = None
+    prompt_logps: Tensor | None = None
+    ref_prompt_logps: Tensor | None = None
+    kl_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+    rm_rewards: Tensor | None = None
+
+    @property
+    def avg_logps(self) -> Tensor:
+        """Length-normalized log-probs ``logp / |y|`` (0 for empty slots)."""
+        return self.policy_logps / self.lengths.clamp(min=1)
+
+    @property
+    def ref_avg_logps(self) -> Tensor:
+        """Length-normalized reference log-probs."""
+        if self.ref_logps is None:
+            raise ValueError("this method declared no reference, so ref_avg_logps is unavailable")
+        return self.ref_logps / self.lengths.clamp(min=1)
+
+    def logratios(self) -> Tensor:
+        """``logp_θ − logp_ref`` per slot (unscaled implicit reward)."""
+        if self.ref_logps is None:
+            raise ValueError("this method declared no reference, so log-ratios are unavailable")
+        return self.policy_logps - self.ref_logps
+
+    def nll(self, slot: int) -> Tensor:
+        """Token-mean negative log-likelihood of one slot over the whole micro-batch.
+
+        ``−Σ_rows logp(y_slot) / Σ_rows |y_slot|``: every completion token of that slot weighs the
+        same, as in a plain SFT cross-entropy over the micro-batch.
+        """
+        mask = self.completion_mask[:, slot]
+        tokens = self.lengths[:, slot][mask].sum().clamp(min=1)
+        return -self.policy_logps[:, slot][mask].sum() / tokens
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss and the metrics to log for it (detached scalars, SPEC §3 names)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+LossFn = Callable[[MethodInputs, Any], LossOutput]
+
+
+def pair_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:
+    """The standard ``rewards/{chosen,rejected,margins,accuracies}`` metrics from per-row rewards."""
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {
+        f"{prefix}/chosen": chosen.mean(),
+        f"{prefix}/rejected": rejected.mean(),
+        f"{prefix}/margins": (chosen - rejected).mean(),
+        f"{prefix}/accuracies": (chosen > rejected).float().mean(),
+    }
+
+
+def logp_metrics(inputs: MethodInputs, chosen: int = 0, rejected: int = 1) -> dict[str, Tensor]:
+    """``logps/chosen`` and ``logps/rejected`` for methods whose rows hold a pair."""
+    logps = inputs.policy_logps.detach()
+    return {"logps/chosen": logps[:, chosen].mean(), "logps/rejected": logps[:, rejected].mean()}
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true; padding slots never enter the loss."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def as_tensor(value: float, like: Tensor) -> Tensor:
+    """A scalar hyperparameter on the same device and dtype as ``like``."""
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)

