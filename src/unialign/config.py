@@ -54,7 +54,7 @@ class UnialignConfig(TrainingArguments):
     dataset_format: str = "auto"
     eval_dataset: str | None = None
     max_length: int = 512
-    max_prompt_length: int | None = 256
+    max_prompt_length: int | None = None  # None: the prompt may use all but one token of max_length
     on_bad_row: str = field(
         default="error", metadata={"help": "error: stop at the first bad row; drop: skip, count and report it"}
     )

@@ -58,7 +58,7 @@ CONVERTER_HINTS: dict[str, str] = {
 _REGISTRY: dict[str, Method] = {}
 
 # TRL's loss_type spellings that name one of our methods.
-ALIASES: dict[str, str] = {"sigmoid": "dpo", "robust": "dpo", "cdpo": "dpo", "slic": "hinge", "rpo": "rpo_nll"}
+ALIASES: dict[str, str] = {"sigmoid": "dpo", "robust": "robust_dpo", "cdpo": "dpo", "slic": "hinge", "rpo": "rpo_nll"}
 
 
 def register(method: Method) -> Method:

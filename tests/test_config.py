@@ -1,0 +1,59 @@
+"""Config loading: YAML, overrides, method defaults, errors that name the key."""
+
+import pytest
+
+from unialign.config import load_config, parse_overrides
+
+
+def test_method_defaults_fill_unset_fields_and_explicit_values_win():
+    cfg = load_config(None, {"loss_type": "dpo", "output_dir": "x"})
+    assert cfg.beta == 0.1 and cfg.learning_rate == 5e-7
+    cfg = load_config(None, {"loss_type": "dpo", "beta": 0.3, "learning_rate": 1e-4, "output_dir": "x"})
+    assert cfg.beta == 0.3 and cfg.learning_rate == 1e-4
+
+
+def test_trl_alias_names_the_method():
+    assert load_config(None, {"loss_type": "sigmoid", "output_dir": "x"}).loss_type == "dpo"
+
+
+def test_yaml_with_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text("loss_type: dpo\ndataset: data.jsonl\nbeta: 0.2\nmax_steps: 5\noutput_dir: out\n")
+    cfg = load_config(path, ["beta=0.05", "use_peft=true"])
+    assert cfg.beta == 0.05 and cfg.use_peft is True and cfg.max_steps == 5
+    assert cfg.dataset == str(tmp_path / "data.jsonl")
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown config key 'bta'; did you mean beta"):
+        load_config(None, {"bta": 0.1})
+
+
+def test_bad_choice_names_the_allowed_values():
+    with pytest.raises(ValueError, match=r"'una_loss' is 'l1'; allowed values: mse, bce"):
+        load_config(None, {"una_loss": "l1"})
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown loss_type 'dpp'; choose one of: .*dpo"):
+        load_config(None, {"loss_type": "dpp"})
+
+
+def test_prompt_budget_must_leave_room_for_a_completion():
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        load_config(None, {"max_length": 64, "max_prompt_length": 64})
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        load_config(path)
+
+
+def test_overrides_are_parsed_as_yaml_scalars():
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=text", "e=[1, 2]"]) == {
+        "a": 1, "b": 0.5, "c": True, "d": "text", "e": [1, 2]}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["novalue"])
