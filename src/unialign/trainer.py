@@ -43,7 +43,9 @@ class UnialignTrainer(Trainer):
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
         impl = self.args.logprob_impl
-        if impl == "auto":
+        if method.model_kind != "causal_lm":
+            impl = "full"  # a classifier head scores whole sequences; there are no token log-probs
+        elif impl == "auto":
             sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
             impl = "full" if sharded or not chunked_head_is_exact(self.model) else "chunked"
         self.logprob_impl = impl

@@ -1,0 +1,96 @@
+"""Batched generation with transformers ``generate``: left padding, KV cache, stop on EOS.
+
+Shared by the dataset builder, evaluation and online training. Prompts go through the same
+:func:`~unialign.data.tokenize.encode_prompt` as training, so what is sampled is what is scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from unialign.data.tokenize import encode_prompt
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings; ``temperature=0`` means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    batch_size: int = 16
+    seed: int | None = 0
+
+
+@dataclass
+class Generation:
+    """One sampled completion: its text, its token ids and whether it ended with EOS."""
+
+    text: str
+    token_ids: list[int]
+    ended: bool
+
+
+def generate(model, tokenizer, prompts: list, config: GenerationConfig, progress: bool = True,
+             desc: str = "generating") -> list[list[Generation]]:
+    """Sample ``num_return_sequences`` completions for each prompt.
+
+    Returns one list of :class:`Generation` per prompt, in prompt order.
+    """
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[list[Generation]] = []
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    try:
+        for start in range(0, len(prompts), config.batch_size):
+            batch = [encode_prompt(p, tokenizer) for p in prompts[start : start + config.batch_size]]
+            results.extend(_generate_batch(model, tokenizer, batch, config, device))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig, device):
+    width = max(len(ids) for ids in prompt_ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    sample = config.temperature > 0
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention,
+        max_new_tokens=config.max_new_tokens,
+        do_sample=sample,
+        temperature=config.temperature if sample else None,
+        top_p=config.top_p if sample else None,
+        top_k=None,
+        num_return_sequences=config.num_return_sequences,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = output[:, width:].tolist()
+    per_prompt = []
+    k = config.num_return_sequences
+    for i in range(len(prompt_ids)):
+        per_prompt.append([_to_generation(ids, tokenizer) for ids in new_tokens[i * k : (i + 1) * k]])
+    return per_prompt
+
+
+def _to_generation(ids: list[int], tokenizer) -> Generation:
+    eos = tokenizer.eos_token_id
+    ended = eos in ids
+    if ended:
+        ids = ids[: ids.index(eos)]
+    else:
+        ids = [t for t in ids if t != tokenizer.pad_token_id]
+    return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, ended)
