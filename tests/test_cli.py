@@ -17,9 +17,11 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, pairwise_rows,
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in pairwise_rows))
     config = tmp_path / "run.yaml"
-    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: pairs.jsonl\nloss_type: dpo\n"
-                      f"max_steps: 5\nper_device_train_batch_size: 4\nreport_to: none\ndisable_tqdm: true\n"
-                      f"output_dir: {tmp_path / 'run'}\nmax_length: 64\n")
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset: pairs.jsonl\nloss_type: dpo\n"
+        f"max_steps: 5\nper_device_train_batch_size: 4\nreport_to: none\ndisable_tqdm: true\n"
+        f"output_dir: {tmp_path / 'run'}\nmax_length: 64\n"
+    )
     assert main(["train", str(config), "max_steps=1", "learning_rate=0.001"]) == 0
     assert "model saved to" in capsys.readouterr().out
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

@@ -54,6 +54,11 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 def test_overrides_are_parsed_as_yaml_scalars():
     assert parse_overrides(["a=1", "b=0.5", "c=true", "d=text", "e=[1, 2]"]) == {
-        "a": 1, "b": 0.5, "c": True, "d": "text", "e": [1, 2]}
+        "a": 1,
+        "b": 0.5,
+        "c": True,
+        "d": "text",
+        "e": [1, 2],
+    }
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["novalue"])

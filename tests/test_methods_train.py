@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import unialign
+from tests.conftest import conversation
 from unialign.data.errors import DataError
 from unialign.losses.registry import all_methods
-from tests.conftest import conversation
 
 TOPICS = ["cats", "tea", "rain", "maps"]
 
@@ -18,14 +18,26 @@ def _rows(fmt: str) -> list[dict]:
     for i, t in enumerate(TOPICS):
         prompt = conversation(f"Tell me about {t}.")
         good, bad, best = f"{t.capitalize()} are nice.", f"No {t} today.", f"{t.capitalize()} are nice and calm."
-        rows.append({
-            "pairwise": {"prompt": prompt, "chosen": good, "rejected": bad, "chosen_score": 0.8, "rejected_score": 0.2},
-            "binary": {"prompt": prompt, "completion": good if i % 2 else bad, "label": bool(i % 2)},
-            "score": {"prompt": prompt, "completion": good, "score": 0.25 * i},
-            "triple": {"prompt": prompt, "reference": best, "chosen": good, "rejected": bad},
-            "listwise": {"prompt": prompt, "completions": [best, good, bad][: 3 - i % 2], "rewards": [0.9, 0.6, 0.1][: 3 - i % 2]},
-            "sft": {"prompt": prompt, "completion": good},
-        }[fmt])
+        rows.append(
+            {
+                "pairwise": {
+                    "prompt": prompt,
+                    "chosen": good,
+                    "rejected": bad,
+                    "chosen_score": 0.8,
+                    "rejected_score": 0.2,
+                },
+                "binary": {"prompt": prompt, "completion": good if i % 2 else bad, "label": bool(i % 2)},
+                "score": {"prompt": prompt, "completion": good, "score": 0.25 * i},
+                "triple": {"prompt": prompt, "reference": best, "chosen": good, "rejected": bad},
+                "listwise": {
+                    "prompt": prompt,
+                    "completions": [best, good, bad][: 3 - i % 2],
+                    "rewards": [0.9, 0.6, 0.1][: 3 - i % 2],
+                },
+                "sft": {"prompt": prompt, "completion": good},
+            }[fmt]
+        )
     return rows
 
 
@@ -33,9 +45,20 @@ def _train(method, tiny_model_dir, tmp_path, fmt=None, **extra):
     fmt = fmt or method.formats[0]
     data = tmp_path / f"{fmt}.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in _rows(fmt)))
-    config = dict(model_name_or_path=tiny_model_dir, dataset=str(data), loss_type=method.name, max_steps=4,
-                  per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", disable_tqdm=True,
-                  output_dir=str(tmp_path / "run"), max_length=64, seed=0, lr_scheduler_type="constant")
+    config = dict(
+        model_name_or_path=tiny_model_dir,
+        dataset=str(data),
+        loss_type=method.name,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to="none",
+        disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        max_length=64,
+        seed=0,
+        lr_scheduler_type="constant",
+    )
     config.update(extra)
     return unialign.train(config)
 
@@ -59,8 +82,16 @@ def test_method_trains_and_lowers_its_loss_on_a_fixed_batch(method, tiny_model_d
         assert result.trainer.reference_forwards == 0 and result.trainer.ref_model is None
 
 
-@pytest.mark.parametrize("name,fmt", [("una_binary", "pairwise"), ("una_score", "pairwise"), ("kto", "pairwise"),
-                                      ("una_score", "listwise"), ("sft", "triple")])
+@pytest.mark.parametrize(
+    "name,fmt",
+    [
+        ("una_binary", "pairwise"),
+        ("una_score", "pairwise"),
+        ("kto", "pairwise"),
+        ("una_score", "listwise"),
+        ("sft", "triple"),
+    ],
+)
 def test_methods_accept_their_secondary_formats(name, fmt, tiny_model_dir, tmp_path):
     method = unialign.losses.get_method(name)
     _train(method, tiny_model_dir, tmp_path, fmt=fmt, max_steps=1, score_range=[0, 1])
@@ -69,18 +100,30 @@ def test_methods_accept_their_secondary_formats(name, fmt, tiny_model_dir, tmp_p
 
 def test_wrong_format_is_refused_naming_the_converter(tiny_model_dir, tmp_path):
     method = unialign.losses.get_method("dpo")
-    with pytest.raises(ValueError, match=r"'dpo' trains on pairwise data, but the dataset is binary; .*convert --to pairwise"):
+    with pytest.raises(
+        ValueError, match=r"'dpo' trains on pairwise data, but the dataset is binary; .*convert --to pairwise"
+    ):
         _train(method, tiny_model_dir, tmp_path, fmt="binary")
 
 
 def test_rao_refuses_prompts_without_a_shared_first_token(tiny_model_dir, tmp_path):
     data = tmp_path / "l.jsonl"
-    rows = [{"prompt": "Alpha question?", "completions": ["a", "b"], "rewards": [1.0, 0.0]},
-            {"prompt": "Different start?", "completions": ["a", "b"], "rewards": [1.0, 0.0]}]
+    rows = [
+        {"prompt": "Alpha question?", "completions": ["a", "b"], "rewards": [1.0, 0.0]},
+        {"prompt": "Different start?", "completions": ["a", "b"], "rewards": [1.0, 0.0]},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match=r"row 2, field 'prompt': prompt starts with token .* shared first token"):
-        unialign.train(dict(model_name_or_path=tiny_model_dir, dataset=str(data), loss_type="rao",
-                            output_dir=str(tmp_path / "r"), max_steps=1, report_to="none"))
+        unialign.train(
+            dict(
+                model_name_or_path=tiny_model_dir,
+                dataset=str(data),
+                loss_type="rao",
+                output_dir=str(tmp_path / "r"),
+                max_steps=1,
+                report_to="none",
+            )
+        )
 
 
 def test_rao_prompt_term_matches_direct_prompt_logps(tiny_model_dir, tmp_path):

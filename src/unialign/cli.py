@@ -46,6 +46,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list methods with their data formats and defaults")
     methods.set_defaults(func=_methods)
+
+    data = sub.add_parser("data", help="convert and build datasets").add_subparsers(title="data commands")
+    convert = data.add_parser(
+        "convert",
+        help="convert a dataset to another feedback format",
+        description="Convert UltraFeedback, HelpSteer2, listwise or TRL rows to another format.",
+    )
+    convert.add_argument("input", help="jsonl/json/parquet file, datasets folder or hub name")
+    convert.add_argument("output", help="output file (.jsonl, .json or .parquet)")
+    convert.add_argument("--to", required=True, help="pairwise | binary | score | triple | listwise | sft | prompt")
+    convert.add_argument("--source", default="auto", help="input format (default: detected from the columns)")
+    convert.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="converter option, e.g. mode=best_vs_random, threshold=0.5, reward_range=[0,10]",
+    )
+    convert.set_defaults(func=_data_convert)
+
+    build = data.add_parser("build", help="sample k completions per prompt, score them, write every format")
+    build.add_argument("--prompts", required=True, help="file of rows with a `prompt` column (and optional `id`)")
+    build.add_argument("--model", default="smollm2-135m-instruct", help="model that writes the completions")
+    build.add_argument("--reward", default="offline", help="offline | callable:module:function | reward-model:PATH")
+    build.add_argument("--k", type=int, default=4, help="completions per prompt")
+    build.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    build.add_argument("--max-new-tokens", type=int, default=96)
+    build.add_argument("--temperature", type=float, default=0.9)
+    build.add_argument("--top-p", type=float, default=0.95)
+    build.add_argument("--heldout", type=float, default=0.2, help="fraction of prompts held out (by prompt)")
+    build.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=_data_build)
     return parser
 
 
@@ -72,6 +105,47 @@ def _methods(args) -> int:
         defaults = ", ".join(f"{k}={v}" for k, v in method.defaults.items())
         print(f"{method.name:<14} {'/'.join(method.formats):<28} {ref:<13} {defaults}")
         print(f"{'':<14} {method.summary} [{method.paper}]")
+    return 0
+
+
+def _data_convert(args) -> int:
+    from unialign.config import parse_overrides
+    from unialign.data.converters import convert
+    from unialign.data.io import read_rows, write_rows
+
+    result = convert(read_rows(args.input), to=args.to, source=args.source, **parse_overrides(args.option))
+    write_rows(list(result.rows), args.output)
+    print(result.summary())
+    return 0
+
+
+def _data_build(args) -> int:
+    import torch
+
+    from unialign.data.builder import build_dataset
+    from unialign.data.io import read_rows
+    from unialign.generation import GenerationConfig
+    from unialign.models import load_model, load_tokenizer
+    from unialign.rewards.sources import load_reward
+
+    torch.manual_seed(args.seed)
+    prompts = read_rows(args.prompts)[: args.limit]
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    generation = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    counts = build_dataset(
+        prompts,
+        model,
+        tokenizer,
+        load_reward(args.reward),
+        args.out,
+        k=args.k,
+        generation=generation,
+        heldout_fraction=args.heldout,
+    )
+    for name, count in counts.items():
+        print(f"{name:<20} {count} rows")
     return 0
 
 

@@ -181,8 +181,53 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
         trainer.release_reference_model()
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     model_dir = save_final_model(trainer, cfg, output_dir / "model")
-    metrics = {k: v for k, v in (trainer.state.log_history[-1] if trainer.state.log_history else {}).items()}
+    metrics = final_metrics(trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        write_model_card(model_dir, cfg, method, train_data, metrics)
     return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of every metric (training summary keys included)."""
+    merged: dict[str, float] = {}
+    for entry in log_history:
+        merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    return merged
+
+
+def write_model_card(
+    model_dir: Path, cfg: UnialignConfig, method: Method, data: PreparedData, metrics: dict[str, float]
+) -> None:
+    """A README.md beside the weights: method, data, the settings that matter, final metrics."""
+    keys = [
+        "model_name_or_path",
+        "loss_type",
+        "beta",
+        "learning_rate",
+        "max_steps",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "max_prompt_length",
+        "use_peft",
+        "lora_r",
+        "lora_alpha",
+        "precompute_ref_log_probs",
+        "seed",
+    ]
+    settings = "\n".join(f"| `{k}` | {getattr(cfg, k)} |" for k in keys)
+    shown = {k: v for k, v in metrics.items() if k in ("loss", "train_loss", "train_runtime") or "/" in k}
+    results = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(shown.items()))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "README.md").write_text(
+        f"---\nlibrary_name: transformers\ntags: [unialign, {method.name}]\n---\n\n"
+        f"# {Path(cfg.output_dir).name}\n\nAligned with **{method.name}** ({method.summary}; {method.paper}) "
+        f"by [unialign](https://pypi.org/project/unialign/).\n\n"
+        f"Data: `{data.source}` ({data.format}, {len(data.examples)} rows; {data.report.summary()}).\n\n"
+        f"| setting | value |\n|---|---|\n{settings}\n\n| final metric | value |\n|---|---|\n{results}\n",
+        encoding="utf-8",
+    )
 
 
 def save_final_model(trainer: UnialignTrainer, cfg: UnialignConfig, model_dir: Path) -> Path:

@@ -1,0 +1,112 @@
+"""The dataset builder: prompts → k sampled completions → explicit rewards → every feedback format.
+
+This is how the papers made their training data (sample from a model, score with a reward model or
+judge). The builder appends finished prompts to ``listwise.all.jsonl`` as it goes, so a restart
+skips them; the split by prompt and the derived formats are written at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from unialign.data.converters import convert
+from unialign.data.io import read_rows, write_rows
+from unialign.generation import GenerationConfig, generate
+from unialign.rewards.base import RewardSource
+
+logger = logging.getLogger(__name__)
+
+DERIVED_FORMATS = ("pairwise", "binary", "score", "triple", "sft", "prompt")
+
+
+def prompt_id(row: dict[str, Any]) -> str:
+    """A stable id: the row's ``id`` or a hash of its prompt."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    return hashlib.sha1(json.dumps(row["prompt"], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def in_heldout(pid: str, fraction: float) -> bool:
+    """Deterministic split by prompt id, independent of order and of how many prompts there are."""
+    bucket = int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def as_conversation(prompt: Any) -> list[dict]:
+    """Plain-string prompts become one user turn, so the chat template frames them as in chat use."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def build_dataset(
+    prompts: list[dict[str, Any]],
+    model,
+    tokenizer,
+    reward: RewardSource,
+    out_dir: str | Path,
+    *,
+    k: int = 4,
+    generation: GenerationConfig | None = None,
+    heldout_fraction: float = 0.2,
+    prompts_per_batch: int = 8,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Sample, score and write the dataset; returns row counts per written file.
+
+    Resumable: prompts already in ``out_dir/listwise.all.jsonl`` are not sampled again.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / "listwise.all.jsonl"
+    done = {row["id"] for row in read_rows(str(raw_path))} if raw_path.exists() else set()
+    todo = [p for p in prompts if prompt_id(p) not in done]
+    generation = generation or GenerationConfig()
+    generation.num_return_sequences = k
+    bar = tqdm(
+        total=len(prompts), initial=len(prompts) - len(todo), desc="building", disable=not progress, unit="prompt"
+    )
+    for start in range(0, len(todo), prompts_per_batch):
+        batch = todo[start : start + prompts_per_batch]
+        conversations = [as_conversation(p["prompt"]) for p in batch]
+        samples = generate(model, tokenizer, conversations, generation, progress=False)
+        flat_prompts = [c for c, group in zip(conversations, samples) for _ in group]
+        flat_texts = [g.text for group in samples for g in group]
+        scores = reward(flat_prompts, flat_texts)
+        with open(raw_path, "a", encoding="utf-8") as handle:
+            for i, (row, conversation, group) in enumerate(zip(batch, conversations, samples)):
+                record = {
+                    "id": prompt_id(row),
+                    "prompt": conversation,
+                    "completions": [g.text for g in group],
+                    "rewards": scores[i * k : (i + 1) * k],
+                    "ended": [g.ended for g in group],
+                }
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        bar.update(len(batch))
+    bar.close()
+    return write_splits(read_rows(str(raw_path)), out, heldout_fraction, reward.bounds)
+
+
+def write_splits(
+    rows: list[dict[str, Any]], out: Path, heldout_fraction: float, bounds: tuple[float, float] | None
+) -> dict[str, int]:
+    """Split listwise rows by prompt and write every derived format for each split."""
+    counts = {}
+    for split in ("train", "test"):
+        part = [r for r in rows if in_heldout(r["id"], heldout_fraction) == (split == "test")]
+        listwise = [{k: r[k] for k in ("id", "prompt", "completions", "rewards")} for r in part]
+        write_rows(listwise, out / f"listwise.{split}.jsonl")
+        counts[f"listwise.{split}"] = len(listwise)
+        for fmt in DERIVED_FORMATS:
+            options = {"reward_range": bounds} if fmt == "score" and bounds else {}
+            result = convert([{k: v for k, v in r.items() if k != "id"} for r in listwise], to=fmt, **options)
+            write_rows(list(result.rows), out / f"{fmt}.{split}.jsonl")
+            counts[f"{fmt}.{split}"] = len(result.rows)
+            if sum(result.dropped.values()):
+                logger.warning("%s.%s: %s", fmt, split, result.summary())
+    return counts
