@@ -25,6 +25,7 @@ from unialign.rewards.sources import CallableReward
 
 PROMPTS = ["Tell me about tea.", conversation("Name a colour."), "Count to three.", conversation("Say hi.")]
 GEN = GenerationConfig(temperature=0, max_new_tokens=6, batch_size=2)
+BETA = 0.3
 
 
 def length_reward(prompts, completions):
@@ -79,69 +80,100 @@ def test_identical_models_give_zero_kl_and_all_ties(tiny_model_dir, tokenizer):
     assert same.kl == 0.0 and same.outcomes.ties == len(PROMPTS)
 
 
-def test_win_tie_loss_under_a_reward_that_prefers_known_strings(policy_and_reference, tokenizer):
+@pytest.fixture(scope="module")
+def known_texts(policy_and_reference, tokenizer):
+    """Greedy generations of both models, computed independently of :func:`evaluate`."""
     policy, reference = policy_and_reference
-    policy_texts = [g[0].text for g in generate(policy, tokenizer, PROMPTS, GEN, progress=False)]
-    reference_texts = [g[0].text for g in generate(reference, tokenizer, PROMPTS, GEN, progress=False)]
-    assert policy_texts != reference_texts, "the perturbation should change some generations"
-    # prompts 0 and 1 reward the policy's text, prompt 2 the reference's, prompt 3 neither
-    preferred = [policy_texts[0], policy_texts[1], reference_texts[2], None]
+    policy_gens = [g[0] for g in generate(policy, tokenizer, PROMPTS, GEN, progress=False)]
+    reference_gens = [g[0] for g in generate(reference, tokenizer, PROMPTS, GEN, progress=False)]
+    return policy_gens, reference_gens
+
+
+@pytest.fixture(scope="module")
+def preferred(known_texts):
+    """Per prompt, the string the test reward pays 1 for: policy's (0, 1), reference's (2), neither (3)."""
+    policy_gens, reference_gens = known_texts
+    return [policy_gens[0].text, policy_gens[1].text, reference_gens[2].text, None]
+
+
+@pytest.fixture(scope="module")
+def report(policy_and_reference, tokenizer, preferred, pairwise_rows_module):
+    """One evaluation of the perturbed policy against the tiny model, with pairs and β = 0.3."""
+    policy, reference = policy_and_reference
+    return evaluate(policy, reference, tokenizer, PROMPTS, CallableReward(_prefers(preferred), "prefers"),
+                    generation=GEN, pairs=pairwise_rows_module, beta=BETA, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pairwise_rows_module():
+    """Six conversational preference pairs, module-scoped so one evaluation serves several tests."""
+    topics = ["cats", "tea", "rain", "maps", "bread", "music"]
+    return [{"prompt": conversation(f"Say something about {t}."), "chosen": f"{t.capitalize()} are lovely.",
+             "rejected": f"I will not talk about {t}."} for t in topics]
+
+
+def _prefers(preferred):
     index = {json.dumps(p): i for i, p in enumerate(PROMPTS)}
 
-    def prefers(prompts, completions):
+    def reward(prompts, completions):
         return [float(c == preferred[index[json.dumps(p)]]) for p, c in zip(prompts, completions)]
 
+    return reward
+
+
+def test_win_tie_loss_under_a_reward_that_prefers_known_strings(report, known_texts, preferred):
+    policy_texts, reference_texts = ([g.text for g in gens] for gens in known_texts)
+    assert policy_texts != reference_texts, "the perturbation should change some generations"
     expected = {"wins": 0, "ties": 0, "losses": 0}
     for i in range(len(PROMPTS)):
         mine, theirs = float(policy_texts[i] == preferred[i]), float(reference_texts[i] == preferred[i])
         expected["wins" if mine > theirs else "losses" if mine < theirs else "ties"] += 1
-    report = evaluate(policy, reference, tokenizer, PROMPTS, CallableReward(prefers, "prefers"),
-                      generation=GEN, progress=False)
     counts = report.to_dict()
     assert {k: counts[k] for k in expected} == expected
     assert [s["policy"] for s in report.samples] == policy_texts
     assert [s["reference"] for s in report.samples] == reference_texts
-    assert [s["policy_reward"] for s in report.samples] == prefers(PROMPTS, policy_texts)
+    assert [s["policy_reward"] for s in report.samples] == _prefers(preferred)(PROMPTS, policy_texts)
 
 
-def test_kl_and_implicit_accuracy_match_direct_computation(policy_and_reference, tokenizer, pairwise_rows):
+def test_kl_matches_direct_computation(report, policy_and_reference, known_texts, tokenizer):
     policy, reference = policy_and_reference
-    beta = 0.3
-    reward = CallableReward(length_reward, name="length")
-    report = evaluate(policy, reference, tokenizer, PROMPTS, reward, generation=GEN, pairs=pairwise_rows,
-                      beta=beta, progress=False)
-
     eos = tokenizer.eos_token_id
-    gens = [g[0] for g in generate(policy, tokenizer, PROMPTS, GEN, progress=False)]
     diffs = []
-    for prompt, gen in zip(PROMPTS, gens):
+    for prompt, gen in zip(PROMPTS, known_texts[0]):
         prompt_ids, completion = encode_prompt(prompt, tokenizer), gen.token_ids + ([eos] if gen.ended else [])
         diffs.append(direct_logp(policy, prompt_ids, completion) - direct_logp(reference, prompt_ids, completion))
     assert report.kl == pytest.approx(sum(diffs) / len(diffs), abs=1e-4)
     assert report.kl != 0.0
 
+
+def test_implicit_accuracy_matches_direct_computation(report, policy_and_reference, tokenizer, pairwise_rows_module):
+    policy, reference = policy_and_reference
     margins = []
-    for row in pairwise_rows:
+    for row in pairwise_rows_module:
         prompt_ids = encode_prompt(row["prompt"], tokenizer)
         ratio = {}
         for side in ("chosen", "rejected"):
             ids = encode_completion(row[side], tokenizer)
             ratio[side] = direct_logp(policy, prompt_ids, ids) - direct_logp(reference, prompt_ids, ids)
-        margins.append(beta * ratio["chosen"] - beta * ratio["rejected"])
-    assert report.pairs.num_pairs == len(pairwise_rows)
+        margins.append(BETA * ratio["chosen"] - BETA * ratio["rejected"])
+    assert report.pairs.num_pairs == len(pairwise_rows_module)
     assert report.pairs.accuracy == pytest.approx(sum(m > 0 for m in margins) / len(margins))
     assert report.pairs.mean_margin == pytest.approx(sum(margins) / len(margins), abs=1e-5)
 
+
+def test_lengths_rewards_and_markdown(report, known_texts, preferred):
+    gens = known_texts[0]
     lengths = [len(g.token_ids) + g.ended for g in gens]
     assert report.policy.mean_length == pytest.approx(sum(lengths) / len(lengths))
     assert report.policy.eos_fraction == pytest.approx(sum(g.ended for g in gens) / len(gens))
-    rewards = length_reward(PROMPTS, [g.text for g in gens])
+    rewards = _prefers(preferred)(PROMPTS, [g.text for g in gens])
     assert report.policy.mean_reward == pytest.approx(sum(rewards) / len(rewards))
 
     markdown = report.to_markdown()
     for number in (report.kl, report.policy.mean_reward, report.reference.mean_reward,
                    report.pairs.accuracy, report.pairs.mean_margin, report.to_dict()["win_rate"]):
         assert f"{number:.4f}" in markdown
+    assert f"| mean length (tokens) | {report.policy.mean_length:.2f} |" in markdown
     assert len(report.to_dict()["samples"]) == len(PROMPTS)
     json.dumps(report.to_dict())  # JSON-ready
 

@@ -78,7 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--heldout", type=float, default=0.2, help="fraction of prompts held out (by prompt)")
     build.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--batch-prompts",
+        type=int,
+        default=32,
+        help="prompts sampled together (x k sequences); larger is faster on CPU",
+    )
     build.set_defaults(func=_data_build)
+
+    from unialign.evaluate import add_eval_arguments, run_eval_cli
+    from unialign.plots import add_plot_arguments, run_plot_cli
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="compare a trained model with its reference under a judge",
+        description="Generate on held-out prompts with both models; report mean reward, "
+        "win/tie/loss, KL estimate, lengths and implicit-reward accuracy.",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval_cli)
+
+    plot = sub.add_parser("plot", help="draw a run's training curves into RUN_DIR/plots")
+    add_plot_arguments(plot)
+    plot.set_defaults(func=run_plot_cli)
+
+    demo = sub.add_parser("demo", help="align the embedded SmolLM2-135M-Instruct with UNA-score and evaluate it")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts to evaluate on")
+    demo.add_argument("overrides", nargs="*", help="training config overrides as key=value")
+    demo.set_defaults(func=_demo)
+
+    card = data.add_parser("card", help="recompute the bundled dataset's statistics and rewrite its CARD.md")
+    card.set_defaults(func=_data_card)
     return parser
 
 
@@ -132,7 +163,11 @@ def _data_build(args) -> int:
     prompts = read_rows(args.prompts)[: args.limit]
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     generation = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_prompts,
     )
     counts = build_dataset(
         prompts,
@@ -143,9 +178,24 @@ def _data_build(args) -> int:
         k=args.k,
         generation=generation,
         heldout_fraction=args.heldout,
+        prompts_per_batch=args.batch_prompts,
     )
     for name, count in counts.items():
         print(f"{name:<20} {count} rows")
+    return 0
+
+
+def _data_card(args) -> int:
+    from unialign.data.card import write_card
+
+    print(f"wrote {write_card()}")
+    return 0
+
+
+def _demo(args) -> int:
+    from unialign.demo import run_demo
+
+    run_demo(args.output_dir, eval_prompts=args.eval_prompts, overrides=_overrides(args.overrides))
     return 0
 
 

@@ -97,13 +97,17 @@ def write_splits(
 ) -> dict[str, int]:
     """Split listwise rows by prompt and write every derived format for each split."""
     counts = {}
+    if bounds is None:  # unbounded reward: normalize scores by the range seen over both splits
+        seen = [r for row in rows for r in row["rewards"]]
+        bounds = (min(seen), max(seen)) if min(seen) < max(seen) else (min(seen), min(seen) + 1.0)
+        logger.warning("reward source has no bounds; score format uses the observed range %s", bounds)
     for split in ("train", "test"):
         part = [r for r in rows if in_heldout(r["id"], heldout_fraction) == (split == "test")]
         listwise = [{k: r[k] for k in ("id", "prompt", "completions", "rewards")} for r in part]
         write_rows(listwise, out / f"listwise.{split}.jsonl")
         counts[f"listwise.{split}"] = len(listwise)
         for fmt in DERIVED_FORMATS:
-            options = {"reward_range": bounds} if fmt == "score" and bounds else {}
+            options = {"reward_range": bounds} if fmt == "score" else {}
             result = convert([{k: v for k, v in r.items() if k != "id"} for r in listwise], to=fmt, **options)
             write_rows(list(result.rows), out / f"{fmt}.{split}.jsonl")
             counts[f"{fmt}.{split}"] = len(result.rows)

@@ -1,0 +1,120 @@
+"""The bundled dataset's card: how it was made and statistics regenerated from the shipped rows.
+
+``unialign data card`` rewrites ``CARD.md`` from the files, so the numbers can never drift from
+the data.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from unialign.data.bundled import FOLDER
+from unialign.data.io import read_jsonl
+
+BUILD_COMMAND = (
+    "unialign data build --prompts src/unialign/data/bundled/prompts.jsonl --model smollm2-135m-instruct "
+    "--reward offline --k 4 --max-new-tokens 96 --temperature 0.9 --top-p 0.95 --heldout 0.2 --seed 0 "
+    "--batch-prompts 48 --out build/bundled"
+)
+
+
+def dataset_statistics(folder: Path = FOLDER) -> dict:
+    """Counts, score distribution, best-vs-worst gaps and lengths per split."""
+    categories = {row["id"]: row.get("category", "?") for row in read_jsonl(folder / "prompts.jsonl")}
+    stats = {}
+    for split in ("train", "test"):
+        rows = read_jsonl(folder / f"listwise.{split}.jsonl")
+        rewards = [r for row in rows for r in row["rewards"]]
+        gaps = [max(row["rewards"]) - min(row["rewards"]) for row in rows]
+        words = [len(c.split()) for row in rows for c in row["completions"]]
+        stats[split] = {
+            "prompts": len(rows),
+            "completions": len(rewards),
+            "categories": dict(Counter(categories.get(row["id"], "?") for row in rows)),
+            "reward_mean": statistics.fmean(rewards),
+            "reward_stdev": statistics.pstdev(rewards),
+            "reward_quartiles": statistics.quantiles(rewards, n=4),
+            "histogram": histogram(rewards),
+            "best_beats_worst": sum(g > 0 for g in gaps) / len(gaps),
+            "best_beats_worst_by_0.1": sum(g > 0.1 for g in gaps) / len(gaps),
+            "mean_best_minus_worst": statistics.fmean(gaps),
+            "words_mean": statistics.fmean(words),
+            "words_median": statistics.median(words),
+        }
+    return stats
+
+
+def histogram(values: list[float], bins: int = 10) -> list[int]:
+    """Counts of values in ``bins`` equal-width bins over [0, 1]."""
+    counts = [0] * bins
+    for value in values:
+        counts[min(bins - 1, max(0, int(value * bins)))] += 1
+    return counts
+
+
+def render_card(stats: dict) -> str:
+    """CARD.md text."""
+    from unialign.rewards.offline_judge import OfflineJudge
+
+    lines = [
+        "# unialign bundled dataset",
+        "",
+        "Prompts written for unialign (everyday instructions, short factual questions with known answers, "
+        "arithmetic word problems with exact answers, format-constrained requests; `prompts.jsonl`, made by "
+        "`make_prompts.py`). Each prompt was sent as one user turn through SmolLM2-135M-Instruct's chat template; "
+        "4 completions were sampled from the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and scored "
+        f"by the offline judge (`{OfflineJudge.version}`, HelpSteer2-style attributes combined into [0, 1]). "
+        "The split is by prompt (a hash of the prompt id, 20% held out), so no held-out prompt appears in training.",
+        "",
+        "Only the listwise rows ship; `unialign.data.load_bundled(format, split)` derives pairwise (best vs worst), "
+        "binary (best = desirable, worst = undesirable), score (reward as score in [0, 1]), triple (1st = reference, "
+        "2nd = chosen, 4th = rejected), SFT (best) and prompt-only rows with the library's converters.",
+        "",
+        f"Made with:\n\n```bash\n{BUILD_COMMAND}\n```\n",
+        "Statistics (regenerate with `unialign data card`):",
+        "",
+        "| | train | test |",
+        "|---|---|---|",
+    ]
+    rows = [
+        ("prompts", "prompts", "{}"),
+        ("completions", "completions", "{}"),
+        ("judge score mean ± stdev", None, None),
+        ("score quartiles", "reward_quartiles", None),
+        ("best of 4 beats worst", "best_beats_worst", "{:.1%}"),
+        ("best beats worst by > 0.1", "best_beats_worst_by_0.1", "{:.1%}"),
+        ("mean best − worst", "mean_best_minus_worst", "{:.3f}"),
+        ("completion words (mean / median)", None, None),
+        ("categories", "categories", None),
+    ]
+    for label, key, fmt in rows:
+        cells = []
+        for split in ("train", "test"):
+            s = stats[split]
+            if label.startswith("judge"):
+                cells.append(f"{s['reward_mean']:.3f} ± {s['reward_stdev']:.3f}")
+            elif label.startswith("completion words"):
+                cells.append(f"{s['words_mean']:.1f} / {s['words_median']:.0f}")
+            elif key == "reward_quartiles":
+                cells.append(" / ".join(f"{q:.3f}" for q in s[key]))
+            elif key == "categories":
+                cells.append(", ".join(f"{k} {v}" for k, v in sorted(s[key].items())))
+            else:
+                cells.append(fmt.format(s[key]))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "Judge score histogram (10 bins over [0, 1]), train: " + str(stats["train"]["histogram"]),
+        "test: " + str(stats["test"]["histogram"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(folder: Path = FOLDER) -> Path:
+    """Recompute the statistics and rewrite ``CARD.md``."""
+    path = folder / "CARD.md"
+    path.write_text(render_card(dataset_statistics(folder)), encoding="utf-8")
+    return path

@@ -1,0 +1,515 @@
+"""Evaluation of a trained policy against its reference (SPEC §5).
+
+On held-out prompts both models generate; a reward source scores both generations, giving mean
+rewards and a per-prompt win/tie/loss rate. The policy's generations are also scored by both
+models to estimate KL(π_θ‖π_ref). On held-out preference pairs the implicit reward
+β·(log π_θ − log π_ref) gives an accuracy and a mean margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unialign.data.collate import pad_sequences
+from unialign.data.tokenize import encode_completion, encode_prompt
+from unialign.generation import Generation, GenerationConfig, generate
+from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
+from unialign.rewards.base import RewardSource
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = "bundled:prompts:test"
+DEFAULT_BETA = 0.1
+
+
+# ----------------------------------------------------------------------------- report types
+@dataclass
+class SideStats:
+    """Statistics of one model's generations: explicit reward, length in tokens, EOS fraction."""
+
+    mean_reward: float
+    std_reward: float
+    mean_length: float
+    eos_fraction: float
+
+
+@dataclass
+class WinTieLoss:
+    """Per-prompt outcome counts of policy vs reference under the reward."""
+
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def total(self) -> int:
+        """Number of compared prompts."""
+        return self.wins + self.ties + self.losses
+
+    def rates(self) -> dict[str, float]:
+        """Win, tie and loss fractions (NaN when nothing was compared)."""
+        n = self.total
+        return {
+            "win_rate": self.wins / n if n else math.nan,
+            "tie_rate": self.ties / n if n else math.nan,
+            "loss_rate": self.losses / n if n else math.nan,
+        }
+
+
+@dataclass
+class PairStats:
+    """Implicit-reward accuracy and mean margin β·(logratio_chosen − logratio_rejected) on pairs."""
+
+    num_pairs: int
+    accuracy: float
+    mean_margin: float
+
+
+@dataclass
+class EvalReport:
+    """Everything :func:`evaluate` measures, plus per-prompt samples for inspection."""
+
+    num_prompts: int
+    reward_name: str
+    policy: SideStats
+    reference: SideStats
+    outcomes: WinTieLoss
+    kl: float
+    beta: float
+    pairs: PairStats | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; per-prompt records are under ``samples``."""
+        return {
+            "num_prompts": self.num_prompts,
+            "reward": self.reward_name,
+            "policy": asdict(self.policy),
+            "reference": asdict(self.reference),
+            **self.outcomes.rates(),
+            "wins": self.outcomes.wins,
+            "ties": self.outcomes.ties,
+            "losses": self.outcomes.losses,
+            "kl": self.kl,
+            "beta": self.beta,
+            "pairs": asdict(self.pairs) if self.pairs is not None else None,
+            "settings": dict(self.settings),
+            "samples": list(self.samples),
+        }
+
+    def to_markdown(self, max_samples: int = 5) -> str:
+        """A short human-readable summary table, then the first ``max_samples`` samples."""
+        rates = self.outcomes.rates()
+        p, r = self.policy, self.reference
+        lines = [
+            f"# Evaluation ({self.num_prompts} prompts, reward: {self.reward_name})",
+            "",
+            "| | policy | reference |",
+            "|---|---|---|",
+            f"| mean reward | {p.mean_reward:.4f} | {r.mean_reward:.4f} |",
+            f"| std reward | {p.std_reward:.4f} | {r.std_reward:.4f} |",
+            f"| mean length (tokens) | {p.mean_length:.2f} | {r.mean_length:.2f} |",
+            f"| ended with EOS | {p.eos_fraction:.4f} | {r.eos_fraction:.4f} |",
+            "",
+            f"- win / tie / loss rate: {rates['win_rate']:.4f} / {rates['tie_rate']:.4f} / {rates['loss_rate']:.4f}"
+            f" ({self.outcomes.wins} / {self.outcomes.ties} / {self.outcomes.losses})",
+            f"- KL(policy ‖ reference) estimate: {self.kl:.4f} nats per completion",
+        ]
+        if self.pairs is not None:
+            lines.append(
+                f"- implicit-reward accuracy on {self.pairs.num_pairs} pairs: {self.pairs.accuracy:.4f}"
+                f" (mean margin {self.pairs.mean_margin:.4f}, β = {self.beta:g})"
+            )
+        if self.settings:
+            lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        for i, sample in enumerate(self.samples[:max_samples]):
+            if i == 0:
+                lines += ["", "## Samples"]
+            lines += [
+                "",
+                f"**prompt:** {_one_line(sample['prompt'])}",
+                f"- policy ({sample['policy_reward']:.4f}): {_one_line(sample['policy'])}",
+                f"- reference ({sample['reference_reward']:.4f}): {_one_line(sample['reference'])}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _one_line(value: Any) -> str:
+    if isinstance(value, list):  # a conversation: show its messages
+        value = " | ".join(f"{m.get('role')}: {m.get('content')}" for m in value)
+    return str(value).replace("\n", " ⏎ ")
+
+
+# ----------------------------------------------------------------------------- aggregation
+def compare(policy_rewards: list[float], reference_rewards: list[float], tie_tolerance: float = 1e-6) -> WinTieLoss:
+    """Count prompts where the policy's reward beats, ties (``|diff| <= tie_tolerance``) or loses to the reference's."""
+    if len(policy_rewards) != len(reference_rewards):
+        raise ValueError(f"{len(policy_rewards)} policy rewards but {len(reference_rewards)} reference rewards")
+    wins = ties = losses = 0
+    for mine, theirs in zip(policy_rewards, reference_rewards):
+        diff = mine - theirs
+        if abs(diff) <= tie_tolerance:
+            ties += 1
+        elif diff > 0:
+            wins += 1
+        else:
+            losses += 1
+    return WinTieLoss(wins, ties, losses)
+
+
+def side_stats(rewards: list[float], generations: list[Generation]) -> SideStats:
+    """Mean/std (population) of rewards, mean completion length and EOS fraction of one model's generations."""
+    n = len(rewards)
+    if not n:
+        return SideStats(math.nan, math.nan, math.nan, math.nan)
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
+    lengths = [completion_length(g) for g in generations]
+    return SideStats(mean, std, sum(lengths) / n, sum(g.ended for g in generations) / n)
+
+
+def completion_length(generation: Generation) -> int:
+    """Tokens the model produced, counting the EOS token when it stopped on one."""
+    return len(generation.token_ids) + int(generation.ended)
+
+
+def pair_stats(chosen_logratios: list[float], rejected_logratios: list[float], beta: float) -> PairStats | None:
+    """Accuracy (strictly higher implicit reward for the chosen completion) and mean margin."""
+    if not chosen_logratios:
+        return None
+    margins = [beta * w - beta * lose for w, lose in zip(chosen_logratios, rejected_logratios)]
+    accuracy = sum(beta * w > beta * lose for w, lose in zip(chosen_logratios, rejected_logratios)) / len(margins)
+    return PairStats(len(margins), accuracy, sum(margins) / len(margins))
+
+
+# ----------------------------------------------------------------------------- log-probs
+@contextmanager
+def eval_mode(model):
+    """Put ``model`` in eval mode for the block and restore its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_token_id: int,
+                     batch_size: int = 8) -> list[float]:
+    """Summed log-prob of each completion given its prompt: ``sequences`` holds (prompt_ids, completion_ids).
+
+    Batched, in eval mode and without gradients, through :mod:`unialign.logprobs`.
+    """
+    if not sequences:
+        return []
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with eval_mode(model):
+        impl = "chunked" if chunked_head_is_exact(model) else "full"
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            batch = pad_sequences([p + c for p, c in chunk], [len(p) for p, _ in chunk], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            values = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"], impl=impl)
+            totals, _ = sequence_logps(values, batch["target_mask"])
+            out.extend(totals.tolist())
+    return out
+
+
+def generation_sequences(prompts: list, generations: list[Generation], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, sampled ids incl. EOS when it stopped) per generation: exactly the tokens sampled."""
+    eos = tokenizer.eos_token_id
+    return [
+        (encode_prompt(p, tokenizer), list(g.token_ids) + ([eos] if g.ended else []))
+        for p, g in zip(prompts, generations)
+    ]
+
+
+def kl_estimate(model, reference, tokenizer, prompts: list, generations: list[Generation],
+                batch_size: int = 8) -> float:
+    """Mean over the policy's generations y ~ π_θ(·|x) of log π_θ(y|x) − log π_ref(y|x), summed over tokens.
+
+    This is the standard Monte-Carlo estimator of KL(π_θ‖π_ref): unbiased when the generations
+    are sampled at temperature 1 (and top_p 1). Under greedy or tempered decoding it is only an
+    indicator of how far the policy has moved, and may even be negative.
+    """
+    if not generations:
+        return math.nan
+    sequences = generation_sequences(prompts, generations, tokenizer)
+    pad = tokenizer.pad_token_id
+    policy = completion_logps(model, sequences, pad, batch_size)
+    ref = policy if reference is model else completion_logps(reference, sequences, pad, batch_size)
+    return sum(p - r for p, r in zip(policy, ref)) / len(policy)
+
+
+def implicit_pair_stats(model, reference, tokenizer, pairs: list[dict], beta: float,
+                        batch_size: int = 8) -> PairStats | None:
+    """Implicit-reward accuracy and mean margin on rows with ``prompt``, ``chosen`` and ``rejected``."""
+    if not pairs:
+        return None
+    sequences = []
+    for row in pairs:
+        prompt_ids = encode_prompt(row["prompt"], tokenizer)
+        sequences.append((prompt_ids, encode_completion(row["chosen"], tokenizer)))
+        sequences.append((prompt_ids, encode_completion(row["rejected"], tokenizer)))
+    pad = tokenizer.pad_token_id
+    policy = completion_logps(model, sequences, pad, batch_size)
+    ref = policy if reference is model else completion_logps(reference, sequences, pad, batch_size)
+    ratios = [p - r for p, r in zip(policy, ref)]
+    return pair_stats(ratios[0::2], ratios[1::2], beta)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(
+    model,
+    reference,
+    tokenizer,
+    prompts: list,
+    reward: RewardSource,
+    *,
+    generation: GenerationConfig | None = None,
+    pairs: list[dict] | None = None,
+    beta: float = DEFAULT_BETA,
+    progress: bool = True,
+    tie_tolerance: float = 1e-6,
+) -> EvalReport:
+    """Compare ``model`` with ``reference`` on ``prompts`` under ``reward`` (SPEC §5).
+
+    Both models generate one completion per prompt with ``generation`` (default: greedy, 128 new
+    tokens). Reports mean/std reward of each side, the per-prompt win/tie/loss rate (a tie when the
+    rewards differ by at most ``tie_tolerance``), the KL estimate of :func:`kl_estimate` on the
+    policy's generations (the standard Monte-Carlo estimator: unbiased when sampling at temperature 1,
+    an indicator under greedy decoding), mean completion length and EOS fraction, and, with ``pairs``,
+    implicit-reward accuracy and margin with ``beta``. ``model`` and ``reference`` may be the same
+    object; then the reference's generations are the policy's.
+    """
+    config = generation or GenerationConfig(temperature=0, max_new_tokens=128)
+    config = GenerationConfig(**{**asdict(config), "num_return_sequences": 1})
+    policy_gens = [g[0] for g in generate(model, tokenizer, prompts, config, progress, desc="policy")]
+    if reference is model:
+        reference_gens = policy_gens
+    else:
+        reference_gens = [g[0] for g in generate(reference, tokenizer, prompts, config, progress, desc="reference")]
+    policy_rewards = [float(r) for r in reward(prompts, [g.text for g in policy_gens])] if prompts else []
+    reference_rewards = [float(r) for r in reward(prompts, [g.text for g in reference_gens])] if prompts else []
+    outcomes = compare(policy_rewards, reference_rewards, tie_tolerance)
+    samples = [
+        {"prompt": p, "policy": pg.text, "reference": rg.text, "policy_reward": pr, "reference_reward": rr}
+        for p, pg, rg, pr, rr in zip(prompts, policy_gens, reference_gens, policy_rewards, reference_rewards)
+    ]
+    return EvalReport(
+        num_prompts=len(prompts),
+        reward_name=getattr(reward, "name", type(reward).__name__),
+        policy=side_stats(policy_rewards, policy_gens),
+        reference=side_stats(reference_rewards, reference_gens),
+        outcomes=outcomes,
+        kl=kl_estimate(model, reference, tokenizer, prompts, policy_gens, config.batch_size),
+        beta=beta,
+        pairs=implicit_pair_stats(model, reference, tokenizer, pairs or [], beta, config.batch_size),
+        settings={
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed,
+        },
+        samples=samples,
+    )
+
+
+# ----------------------------------------------------------------------------- paths and CLI
+def resolve_run_model(path: str) -> str:
+    """A run directory's ``model`` folder when it has one, else ``path`` unchanged."""
+    candidate = Path(path) / "model"
+    return str(candidate) if candidate.is_dir() else path
+
+
+def run_config(path: str) -> dict[str, Any]:
+    """The ``config.json`` a training run wrote next to its model, or {} when there is none."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def read_source_rows(source: str) -> list[dict[str, Any]]:
+    """Rows from a file, a datasets folder or hub name (its ``test`` split), or ``bundled:<format>[:<split>]``.
+
+    The bundled split defaults to ``test``: evaluation reads held-out rows.
+    """
+    from unialign.data.io import read_rows
+
+    if source.startswith("bundled"):
+        _, _, rest = source.partition(":")
+        fmt, _, split = rest.partition(":")
+        return read_rows(f"bundled:{fmt or 'prompts'}", split=split or "test")
+    return read_rows(source, split="test")
+
+
+def load_prompts(source: str, limit: int | None = None) -> list:
+    """The ``prompt`` column of ``source`` (see :func:`read_source_rows`), first ``limit`` rows."""
+    rows = read_source_rows(source)
+    missing = [i for i, row in enumerate(rows) if "prompt" not in row]
+    if missing:
+        raise ValueError(f"{source}: row {missing[0] + 1} has no `prompt` column")
+    prompts = [row["prompt"] for row in rows]
+    return prompts[:limit] if limit is not None else prompts
+
+
+def load_pairs(source: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows with ``prompt``, ``chosen`` and ``rejected`` from ``source``, first ``limit`` rows."""
+    rows = read_source_rows(source)
+    for i, row in enumerate(rows):
+        absent = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if absent:
+            raise ValueError(f"{source}: row {i + 1} lacks {', '.join(absent)}; pairs need prompt/chosen/rejected")
+    return rows[:limit] if limit is not None else rows
+
+
+def default_reference(model_path: str) -> str:
+    """The reference a run was trained against, read from its ``config.json``."""
+    config = run_config(model_path)
+    reference = config.get("ref_model_name_or_path") or config.get("model_name_or_path")
+    if not reference:
+        raise ValueError(f"{model_path}: no run config.json to read the reference from; pass a reference model")
+    return reference
+
+
+def evaluate_paths(
+    model_path: str,
+    reference_path: str | None = None,
+    prompts_source: str = DEFAULT_PROMPTS,
+    reward: str | RewardSource = "offline",
+    out: str | Path | None = None,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    beta: float | None = None,
+    pairs: str | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> EvalReport:
+    """Load models, prompts and reward from paths/specs, run :func:`evaluate`, write ``eval.json`` and ``eval.md``.
+
+    ``model_path`` may be a run directory (its ``model`` folder is loaded). ``reference_path``
+    defaults to the reference named in the run's ``config.json``; ``beta`` to the run's beta, else
+    0.1. ``out`` defaults to ``<run dir>/eval`` for a run directory, else ``./eval``. Models run on
+    ``device`` (default: CUDA when available, else CPU).
+    """
+    from unialign.models import load_model, load_tokenizer
+    from unialign.rewards.sources import load_reward
+
+    config = run_config(model_path)
+    policy_dir = resolve_run_model(model_path)
+    reference_dir = resolve_run_model(reference_path) if reference_path else default_reference(model_path)
+    if beta is None:
+        beta = config.get("beta") or DEFAULT_BETA
+    tokenizer = load_tokenizer(policy_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(policy_dir).to(device)
+    same = Path(reference_dir).resolve() == Path(policy_dir).resolve()
+    reference = model if same else load_model(reference_dir).to(device)
+    report = evaluate(
+        model,
+        reference,
+        tokenizer,
+        load_prompts(prompts_source, limit),
+        load_reward(reward),
+        generation=GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        pairs=load_pairs(pairs, limit) if pairs else None,
+        beta=beta,
+        progress=progress,
+    )
+    report.settings.update({"model": policy_dir, "reference": reference_dir, "prompts": prompts_source})
+    write_report(report, _default_out(model_path) if out is None else out)
+    return report
+
+
+def _default_out(model_path: str) -> Path:
+    return Path(model_path) / "eval" if (Path(model_path) / "model").is_dir() else Path("eval")
+
+
+def write_report(report: EvalReport, out: str | Path) -> tuple[Path, Path]:
+    """Write ``eval.json`` and ``eval.md`` into folder ``out``; returns their paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / "eval.json", folder / "eval.md"
+    json_path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(report.to_markdown(), encoding="utf-8")
+    return json_path, md_path
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``unialign eval`` arguments (the fields :func:`run_eval_cli` reads) to ``parser``."""
+    parser.add_argument("model", help="trained model folder or run directory (its model/ folder is used)")
+    parser.add_argument("--reference", default=None,
+                        help="reference model (default: the one named in the run's config.json)")
+    parser.add_argument("--prompts", default=DEFAULT_PROMPTS,
+                        help="rows with a `prompt` column: file, datasets folder or bundled:prompts[:split] "
+                        f"(default: {DEFAULT_PROMPTS}, the held-out prompts)")
+    parser.add_argument("--judge", default="offline",
+                        help="reward source: offline | callable:module:function | reward-model:PATH")
+    parser.add_argument("--out", default=None,
+                        help="folder for eval.json and eval.md (default: <run dir>/eval or ./eval)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per completion")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy; 1 makes the KL estimate unbiased")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (and pairs)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation and scoring batch")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="β of the implicit reward β·log(π/π_ref) (default: the run's beta, else 0.1)")
+    parser.add_argument("--pairs", default=None,
+                        help="optional prompt/chosen/rejected rows for implicit-reward accuracy, "
+                        "e.g. bundled:pairwise:test")
+    return parser
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    """Run ``unialign eval`` from parsed arguments; prints the summary and returns 0."""
+    out = Path(args.out) if args.out else _default_out(args.model)
+    report = evaluate_paths(
+        args.model,
+        args.reference,
+        args.prompts,
+        args.judge,
+        out,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        beta=args.beta,
+        pairs=args.pairs,
+    )
+    print(report.to_markdown(max_samples=0), end="")
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    return 0
+
+
+__all__ = [
+    "EvalReport",
+    "PairStats",
+    "SideStats",
+    "WinTieLoss",
+    "add_eval_arguments",
+    "compare",
+    "evaluate",
+    "evaluate_paths",
+    "kl_estimate",
+    "implicit_pair_stats",
+    "run_eval_cli",
+]
