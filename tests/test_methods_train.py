@@ -143,3 +143,42 @@ def test_rao_prompt_term_matches_direct_prompt_logps(tiny_model_dir, tmp_path):
             logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum()
             expected.append(logp)
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_kto_kl_pairs_never_share_a_prompt(tokenizer):
+    from unialign.data.tokenize import attach_kl_pairs, tokenize_rows
+
+    rows = [
+        {"prompt": p, "completion": c, "label": lab}
+        for p in ("a?", "b?", "c?")
+        for c, lab in (("x", True), ("y", False))
+    ]
+    examples, _ = tokenize_rows(rows, "binary", tokenizer, max_length=32, max_prompt_length=None)
+    attach_kl_pairs(examples, 32)
+    for i, e in enumerate(examples):
+        partner = next(o for o in examples[i + 1 :] + examples[: i + 1] if o.prompt_ids != e.prompt_ids)
+        assert e.kl_completion_ids == partner.completion_ids[0]
+        assert partner.prompt_ids != e.prompt_ids
+
+
+def test_una_score_without_scores_fails_before_training(tiny_model_dir, tmp_path):
+    data = tmp_path / "l.jsonl"
+    data.write_text(json.dumps({"prompt": conversation("q"), "completions": ["a", "b"], "rewards": [3.0, 1.0]}))
+    with pytest.raises(DataError, match=r"una_score needs a score for every completion: .*score_range"):
+        unialign.train(
+            dict(
+                model_name_or_path=tiny_model_dir,
+                dataset=str(data),
+                loss_type="una_score",
+                output_dir=str(tmp_path / "r"),
+                max_steps=1,
+                report_to="none",
+            )
+        )
+
+
+def test_robust_dpo_gets_its_label_smoothing_default():
+    from unialign.config import load_config
+
+    assert load_config(None, {"loss_type": "robust_dpo", "output_dir": "x"}).label_smoothing == 0.1
+    assert load_config(None, {"loss_type": "dpo", "output_dir": "x"}).label_smoothing == 0.0

@@ -63,7 +63,7 @@ class UnialignConfig(TrainingArguments):
     )
     # --- method hyperparameters (None = the method's paper default)
     beta: float | None = None
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     una_loss: str = "mse"
     z0: float | None = None
     reward_scale: float = 1.0
@@ -108,7 +108,14 @@ class UnialignConfig(TrainingArguments):
         for key, value in method.defaults.items():
             if getattr(self, key, None) is None:
                 setattr(self, key, value)
-        for key, value in {"beta": 0.1, "alpha": 1.0, "gamma": 0.5, "z0": 0.0, "learning_rate": 5e-7}.items():
+        for key, value in {
+            "beta": 0.1,
+            "alpha": 1.0,
+            "gamma": 0.5,
+            "z0": 0.0,
+            "label_smoothing": 0.0,
+            "learning_rate": 5e-7,
+        }.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.output_dir is None:

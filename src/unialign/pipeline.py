@@ -65,6 +65,8 @@ def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, sp
     )
     if method.needs_prompt_logps:
         check_shared_first_token(examples, source, tokenizer)
+    if method.targets_from == "scores":
+        check_scores(examples, fmt, source, method)
     if method.needs_kl_pairs:
         attach_kl_pairs(examples, cfg.max_length)
     return PreparedData(examples, fmt, report, source)
@@ -75,6 +77,23 @@ def _columns(rows: list[dict]) -> set[str]:
     for row in rows[1:50]:
         columns &= set(row)
     return columns
+
+
+def check_scores(examples: list[TokenizedExample], fmt: str, source: str, method: Method) -> None:
+    """Score-target methods need a score for every completion (binary labels count as 0/1 scores)."""
+    missing = next((e for e in examples if e.scores is None), None)
+    if missing is None or (fmt == "binary" and all(e.scores is None for e in examples)):
+        return
+    how = {
+        "pairwise": "chosen_score and rejected_score in [0, 1] (or set score_range)",
+        "listwise": "rewards normalized by score_range: set score_range: [low, high]",
+    }.get(fmt, "a score")
+    raise DataError(
+        f"{method.name} needs a score for every completion: {how}",
+        source=source,
+        row=missing.row,
+        field="score_range" if fmt == "listwise" else "chosen_score",
+    )
 
 
 def check_shared_first_token(examples: list[TokenizedExample], source: str, tokenizer) -> None:

@@ -143,13 +143,26 @@ def tokenize_rows(
 
 
 def attach_kl_pairs(examples: list[TokenizedExample], max_length: int) -> None:
-    """Give each row the first completion of the next row (cyclically) for KTO's KL estimate.
+    """Give each row the first completion of the next row with a different prompt, for KTO's KL estimate.
 
     Pairing by dataset order rather than within a batch makes the estimate independent of batch
-    size and lets reference log-probs of the pairs be precomputed.
+    size and lets reference log-probs of the pairs be precomputed. Rows that share a prompt (the
+    chosen and rejected halves of a converted pair sit next to each other) are skipped, so every
+    pair really is mismatched.
     """
-    if len(examples) < 2:
-        raise DataError("KTO's KL estimate pairs each prompt with another row's completion; it needs at least 2 rows")
+    count = len(examples)
     for index, example in enumerate(examples):
-        other = examples[(index + 1) % len(examples)].completion_ids[0]
-        example.kl_completion_ids = other[: max_length - len(example.prompt_ids)]
+        other = next(
+            (
+                examples[(index + step) % count]
+                for step in range(1, count)
+                if examples[(index + step) % count].prompt_ids != example.prompt_ids
+            ),
+            None,
+        )
+        if other is None:
+            raise DataError(
+                "KTO's KL estimate pairs each prompt with another prompt's completion; "
+                "the dataset needs at least two different prompts"
+            )
+        example.kl_completion_ids = other.completion_ids[0][: max_length - len(example.prompt_ids)]

@@ -51,7 +51,7 @@ CONVERTER_HINTS: dict[str, str] = {
     "score": "`unialign data convert --to score` (from listwise or HelpSteer2 rows)",
     "triple": "`unialign data convert --to triple` (from listwise or UltraFeedback rows)",
     "listwise": "`unialign data convert --to listwise` (from UltraFeedback rows) or `unialign data build`",
-    "sft": "`unialign data convert --to sft` (from pairwise, triple or listwise rows)",
+    "sft": "`unialign data convert --to sft` (from pairwise or listwise rows)",
     "prompt": "any dataset with a `prompt` column",
 }
 
