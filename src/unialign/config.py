@@ -147,7 +147,10 @@ def load_config(
     if path is not None:
         path = Path(path)
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
+            try:
+                loaded = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not a valid YAML config: {_yaml_problem(err)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(loaded).__name__}")
         values.update(_resolve_paths(loaded, path.parent))
@@ -173,8 +176,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(raw) if raw else None
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: not a valid YAML value: {_yaml_problem(err)}") from None
     return parsed
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's message; tags that would build Python objects get a plain explanation."""
+    if isinstance(err, yaml.constructor.ConstructorError) and "python/" in str(err):
+        where = f"line {err.problem_mark.line + 1}: " if err.problem_mark else ""
+        return (
+            f"{where}tags such as !!python/object are refused: configs are read with yaml.safe_load, "
+            "which never builds Python objects"
+        )
+    return " ".join(str(err).split())
 
 
 _INPUT_PATH_KEYS = ("dataset", "eval_dataset", "model_name_or_path", "ref_model_name_or_path")

@@ -73,9 +73,11 @@ def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, sp
 
 
 def _columns(rows: list[dict]) -> set[str]:
-    columns = set(rows[0])
-    for row in rows[1:50]:
-        columns &= set(row)
+    # The union, so that one row missing a column is validated against the format the others
+    # show and reported by row and field, rather than changing the detected format.
+    columns: set[str] = set()
+    for row in rows[:50]:
+        columns |= set(row)
     return columns
 
 

@@ -81,8 +81,10 @@ def validate_row(
     if fmt == "sft" and "messages" in row and "prompt" not in row:
         row = split_messages(row, index, source)
     for name in FORMAT_COLUMNS[fmt]:
-        if name not in row or row[name] is None:
+        if name not in row:
             raise err(f"missing required column for {fmt} data", name)
+        if row[name] is None:
+            raise err(f"is null; {fmt} data needs a value here", name)
     prompt = check_text(row["prompt"], "prompt", err, role="prompt")
     range_ = tuple(score_range) if score_range else (0.0, 1.0)
 
@@ -107,7 +109,7 @@ def validate_row(
                 index,
                 labels=[float(label)],
             )
-        raise err(f"label must be true or false, got {label!r}", "label")
+        raise err(f"label must be true or false; got {_show(label)}", "label")
     if fmt == "score":
         raw = check_number(row["score"], "score", err)
         return Example(
@@ -131,7 +133,8 @@ def _listwise(row, prompt, index, err, score_range) -> Example:
     if not isinstance(rewards, list):
         raise err("must be a list of numbers, one per completion", "rewards")
     if len(rewards) != len(completions):
-        raise err(f"has {len(rewards)} values for {len(completions)} completions", "rewards")
+        got = f"{len(rewards)} values for {len(completions)} completions"
+        raise err(f"must have one value per completion; got {got}", "rewards")
     texts = [check_text(c, f"completions[{i}]", err, role="completion") for i, c in enumerate(completions)]
     raw = [check_number(r, f"rewards[{i}]", err) for i, r in enumerate(rewards)]
     scores = None
@@ -143,6 +146,7 @@ def _listwise(row, prompt, index, err, score_range) -> Example:
 def check_text(value: Any, name: str, err, role: str) -> Any:
     """A non-empty string or a well-formed conversation; returns it unchanged."""
     if isinstance(value, str):
+        check_unicode(value, name, err)
         if role == "completion" and not value.strip():
             raise err("is empty; a completion needs at least one token of text", name)
         return value
@@ -150,6 +154,14 @@ def check_text(value: Any, name: str, err, role: str) -> Any:
         check_conversation(value, name, err, role)
         return value
     raise err(f"must be a string or a list of {{role, content}} messages, got {type(value).__name__}", name)
+
+
+def check_unicode(text: str, name: str, err) -> None:
+    """Refuse lone surrogates (JSON escapes such as ``\\ud800``): they are not text and tokenizers crash on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise err(f"contains an invalid character; {text[error.start]!r} at position {error.start}", name) from None
 
 
 def check_conversation(messages: list, name: str, err, role: str) -> None:
@@ -160,9 +172,11 @@ def check_conversation(messages: list, name: str, err, role: str) -> None:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise err(f"message {i} must be an object with 'role' and 'content'", name)
         if message["role"] not in ROLES:
-            raise err(f"message {i} has role {message['role']!r}; allowed: {', '.join(ROLES)}", name)
+            role_ = _show(message["role"])
+            raise err(f"message {i} has an unknown role; role {role_} is not one of {', '.join(ROLES)}", name)
         if not isinstance(message["content"], str):
             raise err(f"message {i} content must be a string", name)
+        check_unicode(message["content"], name, err)
         if message["role"] == "system" and i != 0:
             raise err(f"message {i} is a system message; only the first message may be one", name)
     if role == "prompt" and messages[-1]["role"] != "user":
@@ -177,17 +191,30 @@ def check_conversation(messages: list, name: str, err, role: str) -> None:
 def check_number(value: Any, name: str, err) -> float:
     """A finite int or float (booleans and strings are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise err(f"must be a number, got {value!r}", name)
-    if not math.isfinite(value):
-        raise err(f"must be finite, got {value!r}", name)
-    return float(value)
+        raise err(f"must be a number; got {_show(value)}", name)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range (JSON allows any number of digits)
+        raise err("must be finite; got an integer too large for a float", name) from None
+    if not math.isfinite(number):
+        raise err(f"must be finite; got {value!r}", name)
+    return number
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short repr for messages: huge or deeply nested values must not flood or crash the error."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def normalize(value: float, range_: tuple[float, float], name: str, err) -> float:
     """Map a score from its declared range onto [0, 1]; out-of-range scores are errors."""
     low, high = range_
     if not low <= value <= high:
-        raise err(f"{value} is outside the declared score range [{low}, {high}] (set score_range)", name)
+        raise err(f"is outside the declared score range [{low}, {high}]; got {value} (set score_range)", name)
     return (value - low) / (high - low)
 
 

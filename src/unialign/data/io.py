@@ -60,6 +60,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise DataError(
                     f"is not valid JSON ({err.msg} at column {err.colno})", source=str(path), row=number
                 ) from None
+            except (ValueError, RecursionError) as err:  # a number over Python's digit limit; nesting too deep
+                raise DataError(f"cannot be read as JSON ({_why(err)})", source=str(path), row=number) from None
             if not isinstance(value, dict):
                 raise DataError(f"must be a JSON object, got {type(value).__name__}", source=str(path), row=number)
             rows.append(value)
@@ -74,6 +76,8 @@ def read_json(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"is not valid UTF-8 ({err.reason} at byte {err.start})", source=str(path)) from None
     except json.JSONDecodeError as err:
         raise DataError(f"is not valid JSON ({err.msg} at line {err.lineno})", source=str(path)) from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"cannot be read as JSON ({_why(err)})", source=str(path)) from None
     if isinstance(value, dict):
         value = value.get("data", value.get("rows"))
     if not isinstance(value, list):
@@ -84,11 +88,21 @@ def read_json(path: Path) -> list[dict[str, Any]]:
     return value
 
 
+def _why(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err).split(";")[0]
+
+
 def read_parquet(path: Path) -> list[dict[str, Any]]:
     """A parquet file through pyarrow."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"is not a readable parquet file ({err})", source=str(path)) from None
 
 
 def read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:

@@ -69,7 +69,12 @@ class DropReport:
 def encode_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids of a prompt: chat template with the generation prompt for conversations."""
     if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # e.g. a template that requires user/assistant alternation
+            raise DataError(f"the tokenizer's chat template refuses this conversation: {err}", field="prompt") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
@@ -137,6 +142,8 @@ def tokenize_rows(
             )
     if report.dropped:
         logger.warning("%s: %s", source, report.summary())
+    if not rows:
+        raise DataError("has no rows", source=source)
     if not examples:
         raise DataError(f"no usable rows ({report.summary()})", source=source)
     return examples, report
