@@ -43,6 +43,7 @@ def _rows(fmt: str) -> list[dict]:
 
 def _train(method, tiny_model_dir, tmp_path, fmt=None, **extra):
     fmt = fmt or method.formats[0]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / f"{fmt}.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in _rows(fmt)))
     config = dict(
@@ -182,3 +183,33 @@ def test_robust_dpo_gets_its_label_smoothing_default():
 
     assert load_config(None, {"loss_type": "robust_dpo", "output_dir": "x"}).label_smoothing == 0.1
     assert load_config(None, {"loss_type": "dpo", "output_dir": "x"}).label_smoothing == 0.0
+
+
+def test_tpo_trains_from_an_sft_model(tiny_model_dir, tmp_path):
+    sft = _train(unialign.losses.get_method("sft"), tiny_model_dir, tmp_path / "sft", fmt="triple", max_steps=2)
+    tpo = _train(unialign.losses.get_method("tpo"), str(sft.model_dir), tmp_path / "tpo", beta=1.0)
+    logs = [json.loads(x) for x in (tmp_path / "tpo" / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in logs if "loss" in x]
+    assert losses[-1] < losses[0] and "nll_loss" in logs[0]
+    assert tpo.trainer.reference_forwards == 0
+
+
+def test_trained_reward_model_loads_as_a_reward_source(tiny_model_dir, tmp_path):
+    from unialign.rewards.sources import load_reward
+
+    result = _train(
+        unialign.losses.get_method("reward_model"), tiny_model_dir, tmp_path, max_steps=8, learning_rate=1e-2
+    )
+    reward = load_reward(f"reward-model:{result.model_dir}")
+    rows = _rows("pairwise")
+    chosen = reward([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = reward([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert reward.bounds is None and len(chosen) == 4
+    assert all(c > r for c, r in zip(chosen, rejected))  # it learned the training pairs' order
+
+
+def test_every_run_directory_gets_plots_and_a_model_card(tiny_model_dir, tmp_path):
+    result = _train(unialign.losses.get_method("dpo"), tiny_model_dir, tmp_path, max_steps=2)
+    assert (tmp_path / "run" / "plots" / "loss.png").stat().st_size > 0
+    card = (result.model_dir / "README.md").read_text()
+    assert "**dpo**" in card and "| `beta` | 0.1 |" in card and "pairwise, 4 rows" in card

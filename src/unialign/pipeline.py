@@ -205,6 +205,9 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
     metrics = final_metrics(trainer.state.log_history)
     if trainer.is_world_process_zero():
         write_model_card(model_dir, cfg, method, train_data, metrics)
+        from unialign.plots import plot_run
+
+        plot_run(output_dir)
     return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
 
 

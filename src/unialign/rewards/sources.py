@@ -1,16 +1,20 @@
 """Build a reward source from a short spec string, the one way every command names a reward.
 
 Specs: ``offline`` (the offline judge), ``callable:module:function`` (imported only when named),
-``reward-model:PATH`` (a sequence-classification checkpoint).
+``reward-model:PATH`` (a sequence-classification checkpoint), ``llm-judge:MODEL`` (a causal LM asked to grade).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 
 import torch
 
 from unialign.rewards.base import Prompt, RewardSource, check_lengths, prompt_text
+
+logger = logging.getLogger(__name__)
 
 
 class CallableReward(RewardSource):
@@ -59,6 +63,57 @@ class RewardModel(RewardSource):
         return scores
 
 
+JUDGE_TEMPLATE = (
+    "Rate how well the answer responds to the question, from 1 (useless or wrong) to 10 (correct, clear and "
+    "complete).\n\nQuestion: {prompt}\n\nAnswer: {completion}\n\nReply with the number only."
+)
+
+
+class LLMJudge(RewardSource):
+    """A causal LM prompted to grade each answer from 1 to 10; the first integer in its reply is the score.
+
+    Replies with no number in range score the lower bound and are counted in ``unparseable`` (and
+    logged), so a judge that cannot follow the format shows up instead of silently averaging in.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        template: str = JUDGE_TEMPLATE,
+        bounds: tuple[float, float] = (1.0, 10.0),
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ):
+        from unialign.models import load_model, load_tokenizer
+
+        self.name, self.bounds, self.template, self.batch_size = f"llm-judge:{model}", bounds, template, batch_size
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        self.model = load_model(model, trust_remote_code=trust_remote_code).eval()
+        self.unparseable = 0
+
+    def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
+        from unialign.generation import GenerationConfig, generate
+
+        check_lengths(prompts, completions)
+        questions = [
+            [{"role": "user", "content": self.template.format(prompt=prompt_text(p), completion=c)}]
+            for p, c in zip(prompts, completions)
+        ]
+        config = GenerationConfig(max_new_tokens=6, temperature=0, batch_size=self.batch_size)
+        replies = [group[0].text for group in generate(self.model, self.tokenizer, questions, config, progress=False)]
+        return [self.parse(reply) for reply in replies]
+
+    def parse(self, reply: str) -> float:
+        """The first integer within the bounds, or the lower bound (counted as unparseable)."""
+        low, high = self.bounds
+        for match in re.findall(r"-?\d+", reply):
+            if low <= int(match) <= high:
+                return float(match)
+        self.unparseable += 1
+        logger.warning("%s: unparseable reply %r (%d so far)", self.name, reply[:40], self.unparseable)
+        return float(low)
+
+
 def load_reward(spec: str | RewardSource) -> RewardSource:
     """Turn a spec string into a reward source (a RewardSource passes through)."""
     if isinstance(spec, RewardSource):
@@ -75,7 +130,11 @@ def load_reward(spec: str | RewardSource) -> RewardSource:
         return CallableReward(getattr(importlib.import_module(module), function), name=rest)
     if kind == "reward-model":
         return RewardModel(rest)
-    raise ValueError(f"unknown reward spec {spec!r}; use offline, callable:module:function or reward-model:PATH")
+    if kind == "llm-judge":
+        return LLMJudge(rest)
+    raise ValueError(
+        f"unknown reward spec {spec!r}; use offline, callable:module:function, reward-model:PATH or llm-judge:MODEL"
+    )
 
 
-__all__ = ["CallableReward", "RewardModel", "load_reward", "prompt_text"]
+__all__ = ["CallableReward", "LLMJudge", "RewardModel", "load_reward", "prompt_text"]
