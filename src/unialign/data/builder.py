@@ -110,7 +110,5 @@ def write_splits(
             options = {"reward_range": bounds} if fmt == "score" else {}
             result = convert([{k: v for k, v in r.items() if k != "id"} for r in listwise], to=fmt, **options)
             write_rows(list(result.rows), out / f"{fmt}.{split}.jsonl")
-            counts[f"{fmt}.{split}"] = len(result.rows)
-            if sum(result.dropped.values()):
-                logger.warning("%s.%s: %s", fmt, split, result.summary())
+            counts[f"{fmt}.{split}"] = len(result.rows)  # drops are logged by the converter
     return counts
