@@ -24,8 +24,9 @@ def test_builder_writes_every_format_and_resumes(tiny_model_dir, tmp_path, monke
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     reward = load_reward("callable:tests.test_builder:length_reward")
     gen = GenerationConfig(max_new_tokens=6, temperature=1.0)
-    counts = build_dataset(prompts[:4], model, tokenizer, reward, tmp_path, k=3, generation=gen, heldout_fraction=0.5,
-                           progress=False)
+    counts = build_dataset(
+        prompts[:4], model, tokenizer, reward, tmp_path, k=3, generation=gen, heldout_fraction=0.5, progress=False
+    )
     raw = read_rows(str(tmp_path / "listwise.all.jsonl"))
     assert [r["id"] for r in raw] == ["p0", "p1", "p2", "p3"]
     assert all(len(r["completions"]) == 3 and r["rewards"] == [float(len(c)) for c in r["completions"]] for r in raw)
@@ -34,8 +35,9 @@ def test_builder_writes_every_format_and_resumes(tiny_model_dir, tmp_path, monke
     calls = []
     original = reward.function
     monkeypatch.setattr(reward, "function", lambda p, c: calls.append(len(c)) or original(p, c))
-    build_dataset(prompts, model, tokenizer, reward, tmp_path, k=3, generation=gen, heldout_fraction=0.5,
-                  progress=False)
+    build_dataset(
+        prompts, model, tokenizer, reward, tmp_path, k=3, generation=gen, heldout_fraction=0.5, progress=False
+    )
     assert sum(calls) == 2 * 3  # only the two new prompts were sampled and scored
     assert [r["id"] for r in read_rows(str(tmp_path / "listwise.all.jsonl"))] == [f"p{i}" for i in range(6)]
     test_ids = {r["id"] for r in read_rows(str(tmp_path / "listwise.test.jsonl"))}
@@ -67,3 +69,31 @@ def test_data_convert_cli(tmp_path, capsys):
     out = read_rows(str(tmp_path / "pairs.jsonl"))
     assert out[0]["chosen"] == "b" and out[0]["rejected"] == "a"
     assert "0 dropped" in capsys.readouterr().out
+
+
+def test_data_build_cli_resumes(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"}) for i in range(3)))
+    args = [
+        "data",
+        "build",
+        "--prompts",
+        str(prompts),
+        "--model",
+        tiny_model_dir,
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--reward",
+        "callable:tests.test_builder:length_reward",
+        "--out",
+        str(tmp_path / "out"),
+        "--heldout",
+        "0.34",
+    ]
+    assert main(args + ["--limit", "2"]) == 0
+    assert main(args) == 0
+    assert len(read_rows(str(tmp_path / "out" / "listwise.all.jsonl"))) == 3
+    out = capsys.readouterr().out
+    assert "listwise.train" in out and "pairwise.test" in out
