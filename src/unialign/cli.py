@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="align the embedded SmolLM2-135M-Instruct with UNA-score and evaluate it")
     demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts to evaluate on")
+    demo.add_argument("--eval-prompts", type=int, default=85, help="held-out prompts to evaluate on (85 = all)")
     demo.add_argument("overrides", nargs="*", help="training config overrides as key=value")
     demo.set_defaults(func=_demo)
 

@@ -1,8 +1,9 @@
 """``unialign demo``: align the embedded SmolLM2-135M-Instruct with UNA-score and show the effect.
 
-Trains LoRA adapters with UNA-score on the bundled score data (judge scores of four SmolLM2
-samples per prompt), then generates on held-out prompts with the trained and the untouched model
-and compares them under the offline judge. Sized to finish in minutes on a 2-core CPU.
+Trains LoRA adapters with UNA-score on the bundled pairs (the best and worst of four SmolLM2
+samples per prompt with their judge scores; each completion is one example whose target is its
+score), then generates greedily on all held-out prompts with the trained and the untouched model
+and compares them under the offline judge. Sized to finish in under 10 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from pathlib import Path
 DEMO_CONFIG = {
     "loss_type": "una_score",
     "model_name_or_path": "smollm2-135m-instruct",
-    "dataset": "bundled:score",
+    "dataset": "bundled:pairwise",
     "use_peft": True,
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_dropout": 0.0,
     "beta": 0.1,
-    "learning_rate": 5e-4,
+    "learning_rate": 1e-3,
     "lr_scheduler_type": "constant",
-    "max_steps": 40,
-    "per_device_train_batch_size": 8,
-    "max_length": 192,
+    "max_steps": 30,
+    "per_device_train_batch_size": 4,
+    "max_length": 160,
     "max_prompt_length": 96,
     "logging_steps": 5,
     "report_to": "none",
