@@ -65,7 +65,6 @@ class UnialignTrainer(Trainer):
         """Compute the tensors the method declared, in one policy forward (and one reference forward)."""
         slot_seq = batch["slot_seq"]
         completion_mask = slot_seq >= 0
-        feedback = {name: batch.get(name) for name in ("rewards",)}
         if self.method.model_kind == "sequence_classifier":
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
             lengths = gather_slots(batch["target_mask"].sum(-1).float(), slot_seq)
@@ -75,7 +74,7 @@ class UnialignTrainer(Trainer):
                 completion_mask=completion_mask,
                 rm_rewards=gather_slots(scores.float(), slot_seq),
                 targets=self._targets(batch),
-                **feedback,
+                rewards=batch.get("rewards"),
             )
         policy = self._logps(model, batch)
         inputs = MethodInputs(
@@ -83,7 +82,7 @@ class UnialignTrainer(Trainer):
             lengths=gather_slots(policy["len"], slot_seq),
             completion_mask=completion_mask,
             targets=self._targets(batch),
-            **feedback,
+            rewards=batch.get("rewards"),
             prompt_logps=policy.get("prompt"),
             kl_logps=policy.get("kl"),
         )
