@@ -64,6 +64,20 @@ def _train(method, tiny_model_dir, tmp_path, fmt=None, **extra):
     return unialign.train(config)
 
 
+def _train_one_step(tiny_model_dir, data, loss_type, tmp_path):
+    """One step of ``loss_type`` on a hand-written data file (for tests that expect it to be refused)."""
+    return unialign.train(
+        dict(
+            model_name_or_path=tiny_model_dir,
+            dataset=str(data),
+            loss_type=loss_type,
+            output_dir=str(tmp_path / "r"),
+            max_steps=1,
+            report_to="none",
+        )
+    )
+
+
 def _losses(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return [x for x in lines if "loss" in x]
@@ -115,16 +129,7 @@ def test_rao_refuses_prompts_without_a_shared_first_token(tiny_model_dir, tmp_pa
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match=r"row 2, field 'prompt': prompt starts with token .* shared first token"):
-        unialign.train(
-            dict(
-                model_name_or_path=tiny_model_dir,
-                dataset=str(data),
-                loss_type="rao",
-                output_dir=str(tmp_path / "r"),
-                max_steps=1,
-                report_to="none",
-            )
-        )
+        _train_one_step(tiny_model_dir, data, "rao", tmp_path)
 
 
 def test_rao_prompt_term_matches_direct_prompt_logps(tiny_model_dir, tmp_path):
@@ -166,16 +171,7 @@ def test_una_score_without_scores_fails_before_training(tiny_model_dir, tmp_path
     data = tmp_path / "l.jsonl"
     data.write_text(json.dumps({"prompt": conversation("q"), "completions": ["a", "b"], "rewards": [3.0, 1.0]}))
     with pytest.raises(DataError, match=r"una_score needs a score for every completion: .*score_range"):
-        unialign.train(
-            dict(
-                model_name_or_path=tiny_model_dir,
-                dataset=str(data),
-                loss_type="una_score",
-                output_dir=str(tmp_path / "r"),
-                max_steps=1,
-                report_to="none",
-            )
-        )
+        _train_one_step(tiny_model_dir, data, "una_score", tmp_path)
 
 
 def test_robust_dpo_gets_its_label_smoothing_default():

@@ -103,10 +103,16 @@ def sequence_logps(token_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return (token_values * mask).sum(-1), mask.sum(-1)
 
 
-def unwrap(model):
-    """The underlying transformers model inside DDP/accelerate and PEFT wrappers."""
+def strip_wrappers(model):
+    """The model inside DDP/accelerate wrappers (a PEFT model stays a PEFT model)."""
     while hasattr(model, "module"):
         model = model.module
+    return model
+
+
+def unwrap(model):
+    """The underlying transformers model inside DDP/accelerate and PEFT wrappers."""
+    model = strip_wrappers(model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model

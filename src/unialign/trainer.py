@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import Trainer
 
 from unialign.data.tokenize import TokenizedExample
-from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
+from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
 
@@ -198,6 +198,5 @@ def gather_slots(per_sequence: Tensor, slot_seq: Tensor) -> Tensor:
 
 def unwrap_peft(model):
     """The PEFT model inside any wrappers, or ``None`` when the model has no adapters."""
-    while hasattr(model, "module"):
-        model = model.module
+    model = strip_wrappers(model)
     return model if hasattr(model, "disable_adapter") else None
