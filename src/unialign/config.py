@@ -29,6 +29,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_bad_row": ("error", "drop"),
     "logprob_impl": ("auto", "chunked", "full"),
     "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
+    "on_nonfinite": ("stop", "skip"),
+    "una_space": ("score", "reward"),
+    "reward_normalization": ("none", "running", "range"),
+    "ratio_base": ("reference", "rollout"),
+    "generation_backend": ("transformers", "vllm"),
 }
 
 
@@ -90,6 +95,40 @@ class UnialignConfig(TrainingArguments):
         default="auto", metadata={"help": "chunked: never build full-vocab logits; full: plain logits"}
     )
     logprob_chunk_size: int = 1024
+    # --- reliability (docs/reliability.md)
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir, if any"}
+    )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={"help": "stop: save the last good step and stop with a message; skip: skip the batch and count it"},
+    )
+    # --- online UNA (SPEC §4, docs/online.md); TRL's names where TRL has one
+    reward: str | None = field(
+        default=None,
+        metadata={"help": "explicit reward source: offline | callable:MODULE:FN | reward-model:PATH | llm-judge:MODEL"},
+    )
+    num_generations: int = field(default=4, metadata={"help": "completions sampled per prompt per step"})
+    max_completion_length: int = field(default=64, metadata={"help": "max new tokens per sampled completion"})
+    temperature: float = 0.9
+    top_p: float = 1.0
+    num_iterations: int = field(default=1, metadata={"help": "optimizer passes over each batch of rollouts"})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "subtracted from the reward of completions that do not end in EOS"}
+    )
+    una_space: str = field(
+        default="score", metadata={"help": "score: (sigmoid(r_theta) - s_phi)^2; reward: (r_theta - r_phi)^2"}
+    )
+    reward_normalization: str = field(
+        default="none", metadata={"help": "none | running (mean/std) | range (reward_range to [0, 1])"}
+    )
+    reward_range: list[float] | None = field(
+        default=None, metadata={"help": "[low, high] of a bounded reward source, for reward_normalization: range"}
+    )
+    ratio_base: str = field(
+        default="reference", metadata={"help": "reference (SPEC) or rollout (the authors' code): the ratio's base"}
+    )
+    generation_backend: str = "transformers"
     # --- TrainingArguments defaults that suit preference training
     learning_rate: float | None = None  # type: ignore[assignment]
     logging_steps: float = 1
