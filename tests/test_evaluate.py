@@ -17,6 +17,7 @@ from unialign.evaluate import (
     evaluate,
     evaluate_paths,
     pair_stats,
+    paired_difference,
     run_eval_cli,
 )
 from unialign.generation import GenerationConfig, generate
@@ -66,6 +67,30 @@ def test_pair_stats_accuracy_is_strict_and_margin_scaled():
     stats = pair_stats([1.0, 0.0, -1.0], [0.0, 0.0, 1.0], beta=0.5)
     assert stats.accuracy == pytest.approx(1 / 3)
     assert stats.mean_margin == pytest.approx(0.5 * (1.0 + 0.0 - 2.0) / 3)
+
+
+def test_paired_difference_mean_and_standard_error():
+    mean, stderr = paired_difference([1.0, 0.5, 0.9], [0.5, 0.5, 0.3])
+    # differences 0.5, 0.0, 0.6: mean 11/30; sample variance ((2/15)^2 + (11/30)^2 + (7/30)^2) / 2 = 0.1033...
+    assert mean == pytest.approx(11 / 30)
+    assert stderr == pytest.approx((((4 / 30) ** 2 + (11 / 30) ** 2 + (7 / 30) ** 2) / 2 / 3) ** 0.5)
+    assert paired_difference([0.7], [0.2]) == pytest.approx((0.5, 0.0))
+    assert paired_difference([], []) == (0.0, 0.0)
+
+
+def test_several_samples_per_prompt_are_paired_by_index(tiny_model_dir, tokenizer):
+    model = load_model(tiny_model_dir)
+    sampled = GenerationConfig(temperature=1.0, max_new_tokens=5, batch_size=4, seed=3)
+    reward = CallableReward(length_reward, name="length")
+    report = evaluate(model, model, tokenizer, PROMPTS[:2], reward, generation=sampled, progress=False,
+                      samples_per_prompt=3)
+    assert report.num_prompts == 2 and report.samples_per_prompt == 3
+    assert report.outcomes.total == 6 and len(report.samples) == 6
+    assert [s["prompt"] for s in report.samples] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert (report.mean_difference, report.difference_stderr) == (0.0, 0.0)
+    assert "2 prompts × 3 samples" in report.to_markdown()
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        evaluate(model, model, tokenizer, PROMPTS, reward, generation=sampled, samples_per_prompt=0)
 
 
 def test_identical_models_give_zero_kl_and_all_ties(tiny_model_dir, tokenizer):

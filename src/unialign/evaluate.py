@@ -88,12 +88,18 @@ class EvalReport:
     pairs: PairStats | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    samples_per_prompt: int = 1
+    mean_difference: float = 0.0
+    difference_stderr: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; per-prompt records are under ``samples``."""
         return {
             "num_prompts": self.num_prompts,
+            "samples_per_prompt": self.samples_per_prompt,
             "reward": self.reward_name,
+            "mean_difference": self.mean_difference,
+            "difference_stderr": self.difference_stderr,
             "policy": asdict(self.policy),
             "reference": asdict(self.reference),
             **self.outcomes.rates(),
@@ -112,7 +118,8 @@ class EvalReport:
         rates = self.outcomes.rates()
         p, r = self.policy, self.reference
         lines = [
-            f"# Evaluation ({self.num_prompts} prompts, reward: {self.reward_name})",
+            f"# Evaluation ({self.num_prompts} prompts × {self.samples_per_prompt} samples, "
+            f"reward: {self.reward_name})",
             "",
             "| | policy | reference |",
             "|---|---|---|",
@@ -123,6 +130,8 @@ class EvalReport:
             "",
             f"- win / tie / loss rate: {rates['win_rate']:.4f} / {rates['tie_rate']:.4f} / {rates['loss_rate']:.4f}"
             f" ({self.outcomes.wins} / {self.outcomes.ties} / {self.outcomes.losses})",
+            f"- reward difference (policy − reference): {self.mean_difference:+.4f} ± {self.difference_stderr:.4f}"
+            f" (standard error over {self.outcomes.total} paired samples)",
             f"- KL(policy ‖ reference) estimate: {self.kl:.4f} nats per completion",
         ]
         if self.pairs is not None:
@@ -165,6 +174,18 @@ def compare(policy_rewards: list[float], reference_rewards: list[float], tie_tol
         else:
             losses += 1
     return WinTieLoss(wins, ties, losses)
+
+
+def paired_difference(policy_rewards: list[float], reference_rewards: list[float]) -> tuple[float, float]:
+    """Mean of ``policy − reference`` over paired samples and its standard error (0 with fewer than 2)."""
+    diffs = [p - r for p, r in zip(policy_rewards, reference_rewards)]
+    if not diffs:
+        return 0.0, 0.0
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
 
 
 def side_stats(rewards: list[float], generations: list[Generation]) -> SideStats:
@@ -283,6 +304,7 @@ def evaluate(
     beta: float = DEFAULT_BETA,
     progress: bool = True,
     tie_tolerance: float = 1e-6,
+    samples_per_prompt: int = 1,
 ) -> EvalReport:
     """Compare ``model`` with ``reference`` on ``prompts`` under ``reward`` (SPEC §5).
 
@@ -293,7 +315,15 @@ def evaluate(
     an indicator under greedy decoding), mean completion length and EOS fraction, and, with ``pairs``,
     implicit-reward accuracy and margin with ``beta``. ``model`` and ``reference`` may be the same
     object; then the reference's generations are the policy's.
+
+    ``samples_per_prompt`` > 1 (with sampling) draws that many completions per prompt from each
+    model; each policy sample is compared with the reference sample of the same index, and the
+    report gives the mean paired reward difference with its standard error.
     """
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+    num_prompts = len(prompts)
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     config = generation or GenerationConfig(temperature=0, max_new_tokens=128)
     config = GenerationConfig(**{**asdict(config), "num_return_sequences": 1})
     policy_gens = [g[0] for g in generate(model, tokenizer, prompts, config, progress, desc="policy")]
@@ -304,12 +334,16 @@ def evaluate(
     policy_rewards = [float(r) for r in reward(prompts, [g.text for g in policy_gens])] if prompts else []
     reference_rewards = [float(r) for r in reward(prompts, [g.text for g in reference_gens])] if prompts else []
     outcomes = compare(policy_rewards, reference_rewards, tie_tolerance)
+    mean_diff, stderr = paired_difference(policy_rewards, reference_rewards)
     samples = [
         {"prompt": p, "policy": pg.text, "reference": rg.text, "policy_reward": pr, "reference_reward": rr}
         for p, pg, rg, pr, rr in zip(prompts, policy_gens, reference_gens, policy_rewards, reference_rewards)
     ]
     return EvalReport(
-        num_prompts=len(prompts),
+        num_prompts=num_prompts,
+        samples_per_prompt=samples_per_prompt,
+        mean_difference=mean_diff,
+        difference_stderr=stderr,
         reward_name=getattr(reward, "name", type(reward).__name__),
         policy=side_stats(policy_rewards, policy_gens),
         reference=side_stats(reference_rewards, reference_gens),
@@ -403,6 +437,7 @@ def evaluate_paths(
     pairs: str | None = None,
     progress: bool = True,
     device: str | None = None,
+    samples_per_prompt: int = 1,
 ) -> EvalReport:
     """Load models, prompts and reward from paths/specs, run :func:`evaluate`, write ``eval.json`` and ``eval.md``.
 
@@ -434,6 +469,7 @@ def evaluate_paths(
         pairs=load_pairs(pairs, limit) if pairs else None,
         beta=beta,
         progress=progress,
+        samples_per_prompt=samples_per_prompt,
     )
     report.settings.update({"model": policy_dir, "reference": reference_dir, "prompts": prompts_source})
     write_report(report, _default_out(model_path) if out is None else out)
@@ -469,6 +505,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per completion")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 = greedy; 1 makes the KL estimate unbiased")
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="completions per prompt from each model (use with --temperature > 0)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (and pairs)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation and scoring batch")
     parser.add_argument("--beta", type=float, default=None,
@@ -494,6 +532,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         beta=args.beta,
         pairs=args.pairs,
+        samples_per_prompt=args.samples_per_prompt,
     )
     print(report.to_markdown(max_samples=0), end="")
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
