@@ -68,3 +68,17 @@ def test_chunked_gradients_equal_plain_autograd():
 
 def test_tiny_llama_head_is_exact(model):
     assert chunked_head_is_exact(model)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "full"])
+def test_explicit_positions_and_sources_equal_the_defaults(model, impl):
+    """``position_ids`` 0..L-1 and ``source_index`` = previous column are what token_logps assumes by default."""
+    ids, attention, target = _batch()
+    positions = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+    sources = (positions - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = token_logps(model, ids, attention, target, impl=impl)
+        explicit = token_logps(model, ids, attention, target, impl=impl, position_ids=positions, source_index=sources)
+        shifted = token_logps(model, ids, attention, target, impl=impl, source_index=sources.clamp(max=2))
+    torch.testing.assert_close(explicit, plain, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(shifted, plain)  # the source column really is read

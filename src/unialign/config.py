@@ -95,6 +95,13 @@ class UnialignConfig(TrainingArguments):
         default="auto", metadata={"help": "chunked: never build full-vocab logits; full: plain logits"}
     )
     logprob_chunk_size: int = 1024
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "compute each row's prompt once for all its completions (packed rows with a block attention "
+            "mask); used for causal LMs with sdpa or eager attention, position ids and no sliding window"
+        },
+    )
     # --- reliability (docs/reliability.md)
     resume: bool = field(
         default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir, if any"}

@@ -56,10 +56,18 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     return logits + bias.float() if bias is not None else logits
 
 
-def final_hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, torch.nn.Module]:
+def final_hidden_and_head(
+    model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+) -> tuple[Tensor, torch.nn.Module]:
     """The last hidden state (what the LM head reads) and the LM head, from one forward pass."""
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+        **extra,
     )
     return outputs.hidden_states[-1], unwrap(model).get_output_embeddings()
 
@@ -72,6 +80,8 @@ def token_logps(
     *,
     impl: str = "chunked",
     chunk_size: int = 1024,
+    position_ids: Tensor | None = None,
+    source_index: Tensor | None = None,
 ) -> Tensor:
     """Log-prob of each token marked in ``target_mask`` given the tokens before it; 0 elsewhere.
 
@@ -79,22 +89,30 @@ def token_logps(
         target_mask: ``(N, L)`` bool, true at the positions whose token is scored (never position 0).
         impl: ``chunked`` (hidden states × LM head on scored positions only) or ``full`` (plain
             logits; for models whose head is not a plain linear map, or sharded engines).
+        attention_mask: ``(N, L)`` padding mask, or a 4D ``(N, 1, L, L)`` additive mask (packed rows).
+        position_ids: ``(N, L)`` positions for packed rows (default: the model's ``0..L-1``).
+        source_index: ``(N, L)`` column whose hidden state predicts each position (default: the
+            previous column). Packed rows use it so that every completion is predicted from the end
+            of its prompt, not from the end of the completion packed before it.
     Returns:
         ``(N, L)`` float32 tensor.
     """
-    predict = target_mask[:, 1:]
-    targets = input_ids[:, 1:][predict]
+    rows, cols = target_mask[:, 1:].nonzero(as_tuple=True)
+    cols = cols + 1
+    sources = cols - 1 if source_index is None else source_index[rows, cols]
+    targets = input_ids[rows, cols]
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     if impl == "full":
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        picked = logits[:, :-1][predict].float().log_softmax(-1)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+        picked = logits[rows, sources].float().log_softmax(-1)
         values = picked.gather(1, targets[:, None]).squeeze(1)
     else:
-        hidden, head = final_hidden_and_head(model, input_ids, attention_mask)
+        hidden, head = final_hidden_and_head(model, input_ids, attention_mask, position_ids)
         values = ChunkedTokenLogps.apply(
-            hidden[:, :-1][predict], head.weight, getattr(head, "bias", None), targets, chunk_size
+            hidden[rows, sources], head.weight, getattr(head, "bias", None), targets, chunk_size
         )
-    out[:, 1:][predict] = values
+    out[rows, cols] = values
     return out
 
 

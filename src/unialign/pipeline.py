@@ -10,6 +10,15 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from unialign.checkpoints import (
+    REF_LOGPS_FILE,
+    list_checkpoints,
+    load_ref_logps,
+    prepare_metrics_file,
+    read_marker,
+    resolve_resume,
+    save_ref_logps,
+)
 from unialign.config import UnialignConfig, load_config
 from unialign.data.collate import PreferenceCollator
 from unialign.data.errors import DataError
@@ -165,6 +174,10 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
     """
     cfg = _as_config(config, overrides)
     method = get_method(cfg.loss_type)
+    if method.online:  # sample-score-update methods (docs/online.md) run their own loop
+        from unialign.online import train_online
+
+        return train_online(cfg)
     if cfg.dataset is None:
         raise ValueError("config key 'dataset' is not set: give a file, a datasets folder or 'bundled'")
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
@@ -190,17 +203,15 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
     )
+    resume_from = resume_checkpoint(trainer, cfg, output_dir)
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(cfg.to_json_string(), encoding="utf-8")
         (output_dir / "data_report.txt").write_text(train_data.report.summary() + "\n", encoding="utf-8")
+        prepare_metrics_file(output_dir / "metrics.jsonl", read_marker(resume_from)["step"] if resume_from else None)
     if method.needs_reference and cfg.precompute_ref_log_probs:
-        batch = cfg.per_device_eval_batch_size
-        trainer.precompute_reference(train_data.examples, batch)
-        if eval_data:
-            trainer.precompute_reference(eval_data.examples, batch)
-        trainer.release_reference_model()
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+        reference_log_probs(trainer, cfg, method, output_dir, train_data, eval_data, resumed=resume_from is not None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model_dir = save_final_model(trainer, cfg, output_dir / "model")
     metrics = final_metrics(trainer.state.log_history)
     if trainer.is_world_process_zero():
@@ -209,6 +220,66 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
 
         plot_run(output_dir)
     return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
+
+
+def resume_checkpoint(trainer: UnialignTrainer, cfg: UnialignConfig, output_dir: Path) -> Path | None:
+    """The complete checkpoint to continue from (``resume`` / ``resume_from_checkpoint``), or ``None``.
+
+    Warns when the training data differs from the data the checkpoint was trained on, and when a fresh
+    run finds checkpoints of an earlier run in ``output_dir``.
+    """
+    resume_from = resolve_resume(output_dir, cfg.resume, cfg.resume_from_checkpoint)
+    if resume_from is None:
+        earlier = list_checkpoints(output_dir)
+        if earlier and trainer.is_world_process_zero():
+            logger.warning(
+                "%s already holds %s from an earlier run; this run starts from scratch and replaces them only "
+                "where it saves at the same step (resume=true continues from the newest complete one instead)",
+                output_dir,
+                ", ".join(p.name for p in earlier),
+            )
+        return None
+    saved = read_marker(resume_from).get("data_fingerprint")
+    if saved is not None and saved != trainer.data_fingerprint:
+        logger.warning(
+            "the training data differs from the data %s was trained on: training continues on the new data, "
+            "so the batches after step %d are not the ones the original run would have seen",
+            resume_from,
+            read_marker(resume_from)["step"],
+        )
+    return resume_from
+
+
+def reference_log_probs(
+    trainer: UnialignTrainer,
+    cfg: UnialignConfig,
+    method: Method,
+    output_dir: Path,
+    train_data: PreparedData,
+    eval_data: PreparedData | None,
+    resumed: bool,
+) -> None:
+    """Fill precomputed reference log-probs into the data, then free the separate reference model.
+
+    A fresh run computes them once and saves them to ``<output_dir>/ref_logps.safetensors`` (main
+    process, atomically); a resumed run loads that file instead, after checking it matches the data.
+    """
+    splits = {"train": train_data.examples}
+    if eval_data:
+        splits["eval"] = eval_data.examples
+    path = output_dir / REF_LOGPS_FILE
+    reference = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    if resumed and path.exists():
+        needs = {"ref_prompt_logps": method.needs_prompt_logps, "ref_kl_logps": method.needs_kl_pairs}
+        required = [name for name, needed in needs.items() if needed]
+        load_ref_logps(path, splits, reference, required)
+        logger.info("loaded the precomputed reference log-probs from %s", path)
+    else:
+        for examples in splits.values():
+            trainer.precompute_reference(examples, cfg.per_device_eval_batch_size)
+        if trainer.is_world_process_zero():
+            save_ref_logps(path, splits, reference)
+    trainer.release_reference_model()
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
@@ -260,6 +331,13 @@ def save_final_model(trainer: UnialignTrainer, cfg: UnialignConfig, model_dir: P
     LoRA runs are merged into full weights unless ``save_merged`` is false (then the adapter is saved,
     loadable with peft or, with peft installed, by ``from_pretrained`` directly).
     """
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        # Sharded weights: Trainer.save_model gathers them (every process takes part). Merging LoRA would need
+        # the gathered base weights in one process, so the adapter is saved as it is.
+        if cfg.use_peft and cfg.save_merged and trainer.is_world_process_zero():
+            logger.warning("LoRA adapters are saved unmerged under DeepSpeed/FSDP; merge them with peft afterwards")
+        trainer.save_model(str(model_dir))
+        return model_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.is_world_process_zero():
         return model_dir
@@ -274,7 +352,41 @@ def _as_config(config, overrides) -> UnialignConfig:
     if isinstance(config, UnialignConfig):
         if overrides:
             raise TypeError("pass overrides with a YAML path or a dict, not with a built UnialignConfig")
-        return config
+        return check_processes(config)
+    prefer_cpu_processes()
     if isinstance(config, (str, Path)):
-        return load_config(config, overrides)
-    return load_config(None, {**config, **overrides})
+        return check_processes(load_config(config, overrides))
+    return check_processes(load_config(None, {**config, **overrides}))
+
+
+def _launched_processes() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prefer_cpu_processes() -> None:
+    """Under ``torchrun`` on a machine without an accelerator, make the CPU processes train together.
+
+    Otherwise accelerate treats each process as a separate single-process run. This sets what
+    ``accelerate launch --cpu`` sets, ``ACCELERATE_USE_CPU``; it must happen before a config is built.
+    """
+    import os
+
+    import torch
+
+    if _launched_processes() > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def check_processes(cfg: UnialignConfig) -> UnialignConfig:
+    """Refuse a launch of several processes that would each train alone and write the same run folder."""
+    from transformers.training_args import ParallelMode
+
+    if _launched_processes() > 1 and cfg.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ValueError(
+            f"{_launched_processes()} processes were launched, but this config sets up {cfg.parallel_mode.value} "
+            "training, so each process would train alone and all would write the same run folder. On a machine "
+            "without GPUs, build the config with use_cpu=true"
+        )
+    return cfg

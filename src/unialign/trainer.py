@@ -8,19 +8,34 @@ prompt log-probs only for RAO, mismatched pairs only for KTO.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from torch import Tensor
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
+from unialign.data.collate import pack_shared_prefix
 from unialign.data.tokenize import TokenizedExample
-from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps
+from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
 
 logger = logging.getLogger(__name__)
+
+# Attention implementations that honour a custom 4D mask (transformers' masking_utils passes it through).
+PACKED_ATTENTION = ("sdpa", "eager")
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """Training stopped on a non-finite loss or gradient norm (``on_nonfinite: stop``); the message says where."""
 
 
 class UnialignTrainer(Trainer):
@@ -40,6 +55,13 @@ class UnialignTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.reference_forwards = 0
         self.ref_model = None
+        if self.data_collator is not None and not isinstance(self.data_collator, RowIndexCollator):
+            self.data_collator = RowIndexCollator(self.data_collator)
+        self._nonfinite_problem: str | None = None  # the first bad micro-batch of the current optimizer step
+        self._nonfinite_in_micro_batch = False
+        self._nonfinite_since_log = 0
+        self._steps_since_log = 0
+        self._data_fingerprint: str | None = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
         impl = self.args.logprob_impl
@@ -52,14 +74,110 @@ class UnialignTrainer(Trainer):
 
     # ----------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The method's loss on one micro-batch; its metrics are kept for the next log line."""
+        """The method's loss on one micro-batch; its metrics are kept for the next log line.
+
+        A non-finite training loss is never backpropagated: a zero loss with zero gradients stands in for
+        it, and :meth:`_get_grad_norm` then stops or skips the optimizer step (``on_nonfinite``).
+        """
         output = self.method.loss(self.method_inputs(model, inputs), self.args)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(
-                f"{self.method.name} loss is {output.loss.item()} at step {self.state.global_step}"
-            )
-        self._store_metrics(output.metrics, "train" if model.training else "eval")
-        return (output.loss, output.metrics) if return_outputs else output.loss
+        loss = output.loss
+        finite = bool(torch.isfinite(loss))
+        if not finite:
+            if not model.training:
+                raise NonFiniteError(
+                    f"{self.method.name} evaluation loss is {loss.item()} after step {self.state.global_step}"
+                    f"{describe_rows(inputs)}"
+                )
+            self._nonfinite_in_micro_batch = True
+            if self._nonfinite_problem is None:
+                self._nonfinite_problem = (
+                    f"{self.method.name} loss is {loss.item()} at step {self.state.global_step + 1}"
+                    f"{describe_rows(inputs)}"
+                )
+            loss = zero_loss(model)
+        self._store_metrics(output.metrics, "train" if model.training else "eval", valid=finite)
+        return (loss, output.metrics) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's forward and backward; a micro-batch with a non-finite loss reports NaN.
+
+        Trainer's ``logging_nan_inf_filter`` (on by default) then keeps it out of the logged loss.
+        """
+        self._nonfinite_in_micro_batch = False
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        return torch.full_like(loss, float("nan")) if self._nonfinite_in_micro_batch else loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer calls this right before ``optimizer.step()``: where a non-finite update is refused.
+
+        Every process takes the same decision: gradients are already reduced across processes, and
+        whether any process saw a non-finite loss is reduced here.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._steps_since_log += 1
+        problem, self._nonfinite_problem = self._nonfinite_problem, None
+        seen = torch.tensor(0.0 if problem is None else 1.0, device=self.args.device)
+        anywhere = self.accelerator.reduce(seen, reduction="sum").item() > 0
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not anywhere and math.isfinite(norm):
+            return grad_norm
+        step = self.state.global_step + 1
+        problems = [p for p in gather_object([problem]) if p] if anywhere else []
+        problem = "; ".join(problems) or f"gradient norm is {norm} at step {step}"
+        # With no gradients, optimizer.step() leaves every parameter and its optimizer state as they are.
+        model.zero_grad(set_to_none=True)
+        if self.args.on_nonfinite == "skip":
+            self._nonfinite_since_log += 1
+            logger.warning("%s: skipped this batch, no optimizer step (on_nonfinite: skip)", problem)
+            return None
+        folder = self._save_last_good_checkpoint(model)
+        raise NonFiniteError(
+            f"{problem}: the update was not applied and training stopped (on_nonfinite: stop). {folder} holds the "
+            f"weights of step {self.state.global_step}, the last good step; resume from it once the cause is "
+            "fixed, or set on_nonfinite: skip to skip such batches"
+        )
+
+    def _save_last_good_checkpoint(self, model) -> Path:
+        folder = Path(self._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if not is_complete(folder):
+            self._save_checkpoint(model, trial=None)
+        return folder
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Batches skipped for a non-finite loss or gradient so far, those before a resume included."""
+        return self._logged_nonfinite_skipped() + self._nonfinite_since_log
+
+    def _logged_nonfinite_skipped(self) -> int:
+        for entry in reversed(self.state.log_history):
+            if "nonfinite_skipped" in entry:
+                return int(entry["nonfinite_skipped"])
+        return 0
+
+    # ----------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, made crash-safe: a completion marker is written once every process is done.
+
+        A folder left at the same step (by a save that was killed, or an earlier run) is removed first, so
+        old and new files never mix. Resume only picks checkpoints that have the marker.
+        """
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step, self.data_fingerprint)
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        """:func:`unialign.checkpoints.data_fingerprint` of the training rows (``None`` for other datasets)."""
+        data = self.train_dataset
+        if self._data_fingerprint is None and isinstance(data, list) and data:
+            if all(isinstance(e, TokenizedExample) for e in data):
+                self._data_fingerprint = data_fingerprint(data)
+        return self._data_fingerprint
 
     def method_inputs(self, model, batch: dict) -> MethodInputs:
         """Compute the tensors the method declared, in one policy forward (and one reference forward)."""
@@ -109,6 +227,8 @@ class UnialignTrainer(Trainer):
         raise ValueError(f"{self.method.name} needs per-completion {want} but the batch has none")
 
     def _logps(self, model, batch: dict) -> dict[str, Tensor]:
+        if self._shares_prefix(model):
+            return self._packed_logps(model, batch)
         mask = batch["target_mask"]
         scored = mask | batch["prompt_target_mask"] if "prompt_target_mask" in batch else mask
         values = token_logps(
@@ -123,6 +243,60 @@ class UnialignTrainer(Trainer):
         out = {"seq": seq, "len": length.float()}
         if "prompt_target_mask" in batch:
             out["prompt"] = (values * batch["prompt_target_mask"]).sum(-1)[batch["prompt_seq"]]
+        if "kl_seq" in batch:
+            out["kl"] = seq[batch["kl_seq"]]
+        return out
+
+    def _shares_prefix(self, model) -> bool:
+        """Whether log-probs use the prefix-shared layout: asked for, a causal LM, an attention taking 4D masks."""
+        if not getattr(self.args, "prefix_sharing", False) or self.method.model_kind != "causal_lm":
+            return False
+        inner = unwrap(model)
+        attention = getattr(inner.config, "_attn_implementation", None)
+        problem = None
+        if attention not in PACKED_ATTENTION:
+            problem = f"{attention} attention does not take a custom 4D mask (sdpa and eager do)"
+        elif getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
+            problem = "the model uses sliding-window attention, which a custom 4D mask would replace"
+        elif "position_ids" not in inspect.signature(inner.forward).parameters:
+            problem = "the model's forward takes no position_ids"
+        if problem is None:
+            return True
+        if not getattr(self, "_warned_prefix_sharing", False):
+            logger.warning("prefix_sharing is off for this model: %s; each completion gets its own prompt", problem)
+            self._warned_prefix_sharing = True
+        return False
+
+    def _packed_logps(self, model, batch: dict) -> dict[str, Tensor]:
+        """``_logps`` on the prefix-shared layout; the values are indexed by plain sequence as there."""
+        packed = batch.get("packed")
+        if packed is None:  # the collator was built without prefix_sharing: pack here, once per batch
+            packed = batch["packed"] = pack_shared_prefix(batch)
+        dtype = next(model.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        additive = torch.zeros(packed["allowed"].shape, dtype=dtype, device=packed["allowed"].device)
+        additive.masked_fill_(~packed["allowed"], torch.finfo(dtype).min)
+        seq_index = packed["seq_index"]
+        scored = seq_index >= 0
+        if "prompt_target_mask" in packed:
+            scored = scored | packed["prompt_target_mask"]
+        values = token_logps(
+            model,
+            packed["input_ids"],
+            additive,
+            scored,
+            impl=self.logprob_impl,
+            chunk_size=self.args.logprob_chunk_size,
+            position_ids=packed["position_ids"],
+            source_index=packed["source_index"],
+        )
+        count = batch["input_ids"].shape[0]
+        owners = seq_index[seq_index >= 0]
+        seq = values.new_zeros(count).index_add(0, owners, values[seq_index >= 0])
+        length = torch.bincount(owners, minlength=count).float()
+        out = {"seq": seq, "len": length}
+        if "prompt_target_mask" in packed:
+            out["prompt"] = (values * packed["prompt_target_mask"]).sum(-1)
         if "kl_seq" in batch:
             out["kl"] = seq[batch["kl_seq"]]
         return out
@@ -149,19 +323,38 @@ class UnialignTrainer(Trainer):
     def precompute_reference(self, examples: list[TokenizedExample], batch_size: int) -> None:
         """Fill ``ref_logps`` (and prompt/KL reference terms) into every example, once.
 
-        Afterwards no reference forward runs during training, and a separate reference model is freed.
+        With several processes (all must call this), each computes a contiguous share of the rows and every
+        process receives the values of all rows. Afterwards no reference forward runs during training, and a
+        separate reference model is freed.
         """
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        share = -(-len(examples) // world)
+        first = rank * share
+        mine = examples[first : first + share]
+        values = []
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
             batch = self._prepare_inputs(self.data_collator(chunk))
             ref = self.reference_logps(batch)
             per_slot = gather_slots(ref["seq"], batch["slot_seq"]).cpu()
             for row, example in enumerate(chunk):
-                example.ref_logps = per_slot[row, : len(example.completion_ids)].tolist()
-                if "prompt" in ref:
-                    example.ref_prompt_logps = float(ref["prompt"][row])
-                if "kl" in ref:
-                    example.ref_kl_logps = float(ref["kl"][row])
+                values.append(
+                    (
+                        first + start + row,
+                        per_slot[row, : len(example.completion_ids)].tolist(),
+                        float(ref["prompt"][row]) if "prompt" in ref else None,
+                        float(ref["kl"][row]) if "kl" in ref else None,
+                    )
+                )
+        if world > 1:
+            values = gather_object(values)
+        for index, ref_logps, prompt, kl in values:
+            example = examples[index]
+            example.ref_logps = ref_logps
+            if prompt is not None:
+                example.ref_prompt_logps = prompt
+            if kl is not None:
+                example.ref_kl_logps = kl
 
     def release_reference_model(self) -> None:
         """Drop the separate reference model (after precomputing, nothing needs it)."""
@@ -175,10 +368,19 @@ class UnialignTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _store_metrics(self, metrics: dict[str, Tensor], split: str) -> None:
-        for key, value in metrics.items():
-            value = value.detach().float().reshape(1)
-            self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+    def _store_metrics(self, metrics: dict[str, Tensor], split: str, valid: bool = True) -> None:
+        # One gather for all metrics plus a validity flag: every process gathers the same number of times,
+        # and micro-batches whose loss was not finite are left out of the average.
+        if not metrics:
+            return
+        keys = sorted(metrics)
+        flag = torch.tensor(float(valid), device=self.args.device)
+        row = torch.stack([metrics[k].detach().float().reshape(()).to(flag.device) for k in keys] + [flag])
+        gathered = self.accelerator.gather_for_metrics(row.unsqueeze(0))
+        kept = gathered[gathered[:, -1] > 0, :-1]
+        if len(kept):
+            for key, value in zip(keys, kept.mean(0).tolist()):
+                self._metrics[split][key].append(value)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the method's metrics, averaged since the last log line, to Trainer's logs."""
@@ -187,7 +389,49 @@ class UnialignTrainer(Trainer):
         for key, values in self._metrics[split].items():
             logs[prefix + key] = sum(values) / len(values)
         self._metrics[split].clear()
+        if split == "train" and self.args.on_nonfinite == "skip":
+            if self._nonfinite_since_log and self._nonfinite_since_log == self._steps_since_log:
+                logs["loss"] = float("nan")  # every step since the last line was skipped: there is no loss to show
+            logs["nonfinite_skipped"] = self.nonfinite_skipped
+            self._nonfinite_since_log = 0
+        if split == "train":
+            self._steps_since_log = 0
         super().log(logs, *args, **kwargs)
+
+
+class RowIndexCollator:
+    """Wrap a collator to add ``row_index``: the 0-based dataset row of each batch row, for error messages."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list) -> dict:
+        """The wrapped collator's batch, plus ``row_index`` when every example knows its row."""
+        batch = self.collator(examples)
+        rows = [getattr(e, "row", None) for e in examples]
+        if isinstance(batch, dict) and rows and all(isinstance(r, int) for r in rows):
+            batch["row_index"] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
+
+
+def describe_rows(batch: dict) -> str:
+    """``", batch rows 3, 7 (dataset rows counted from 1)"`` from a batch's ``row_index``; ``""`` without one."""
+    rows = batch.get("row_index")
+    if rows is None:
+        return ""
+    return ", batch rows " + ", ".join(str(r + 1) for r in rows.tolist()) + " (dataset rows counted from 1)"
+
+
+def zero_loss(model) -> Tensor:
+    """A loss of 0 whose gradient is exactly 0 for every trainable parameter.
+
+    Backpropagating it keeps collective operations (DDP's gradient all-reduce) in step across processes.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.stack([p.sum().float() for p in params]).sum() * 0.0
 
 
 def gather_slots(per_sequence: Tensor, slot_seq: Tensor) -> Tensor:

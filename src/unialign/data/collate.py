@@ -3,6 +3,13 @@
 Each real (row, slot) pair becomes one sequence ``prompt + completion``; empty listwise slots make
 no sequence at all. ``slot_seq`` maps ``(row, slot)`` to its sequence (−1 when empty), so per-slot
 tensors are gathered from per-sequence log-probs without padding rows ever entering a loss.
+
+With prefix sharing (:func:`pack_shared_prefix`), the sequences of one row are also packed into a
+single row ``prompt + completion_1 + … + completion_K`` (+ KTO's mismatched completion): each
+completion's position ids continue from the prompt's end, and a block attention mask lets a
+completion token see the prompt and the earlier tokens of its own completion only. The prompt is
+then computed once per row instead of once per completion, and every per-sequence value (log-prob
+sum, length) comes out exactly as in the plain layout.
 """
 
 from __future__ import annotations
@@ -24,13 +31,23 @@ class PreferenceCollator:
         num_slots: ``K``, the number of completion slots per row (the widest row for listwise).
         with_prompt_logps: also mark prompt tokens after the first one (RAO).
         with_kl_pairs: append one mismatched (prompt, other completion) sequence per row (KTO).
+        prefix_sharing: also add ``batch["packed"]``, the prefix-shared layout of the same sequences
+            (see :func:`pack_shared_prefix`); the trainer uses it when ``prefix_sharing`` is on.
     """
 
-    def __init__(self, pad_token_id: int, num_slots: int, with_prompt_logps: bool = False, with_kl_pairs: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        num_slots: int,
+        with_prompt_logps: bool = False,
+        with_kl_pairs: bool = False,
+        prefix_sharing: bool = False,
+    ):
         self.pad_token_id = pad_token_id
         self.num_slots = num_slots
         self.with_prompt_logps = with_prompt_logps
         self.with_kl_pairs = with_kl_pairs
+        self.prefix_sharing = prefix_sharing
 
     def __call__(self, examples: list[TokenizedExample]) -> dict[str, Any]:
         sequences, prompt_lengths = [], []
@@ -62,6 +79,8 @@ class PreferenceCollator:
             values = [getattr(e, name) for e in examples]
             if all(v is not None for v in values):
                 batch[name] = torch.tensor(values, dtype=torch.float32)
+        if self.prefix_sharing:
+            batch["packed"] = pack_shared_prefix(batch, self.pad_token_id)
         return batch
 
 
@@ -84,3 +103,82 @@ def slot_tensor(values: list[list[float]], num_slots: int) -> torch.Tensor:
     for row, row_values in enumerate(values):
         out[row, : len(row_values)] = torch.tensor(row_values, dtype=torch.float32)
     return out
+
+
+def row_groups(batch: dict[str, Any]) -> list[list[int]]:
+    """The sequences of each row, in slot order (then KTO's mismatched sequence): they share one prompt."""
+    groups = [[s for s in row if s >= 0] for row in batch["slot_seq"].tolist()]
+    if "kl_seq" in batch:
+        for group, seq in zip(groups, batch["kl_seq"].tolist()):
+            group.append(seq)
+    return groups
+
+
+def pack_shared_prefix(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """The prefix-shared layout of a plain batch: one row ``prompt + completion_1 + … + completion_K`` per example.
+
+    Returns:
+        ``input_ids`` and ``position_ids`` ``(R, W)``; ``allowed`` ``(R, 1, W, W)`` bool, true where a
+        query may attend a key (causal, within the prompt or within its own completion; a padding
+        position sees only itself); ``seq_index`` ``(R, W)``: the plain sequence a scored completion
+        token belongs to, −1 elsewhere; ``source_index`` ``(R, W)``: the column whose hidden state
+        predicts each token (the prompt's last token for a completion's first token);
+        ``prompt_target_mask`` ``(R, W)`` when the plain batch has one (RAO's prompt log-probs, row
+        ``r`` = example ``r``).
+
+    Raises:
+        ValueError: when the sequences grouped in one row do not start with the same prompt.
+    """
+    input_ids, attention, target = batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["target_mask"].cpu()
+    lengths = attention.sum(-1).tolist()
+    starts = target.int().argmax(-1).tolist()  # every sequence has at least one completion token
+    groups = row_groups(batch)
+    rows = []
+    for group in groups:
+        prompt_length = starts[group[0]]
+        prompt = input_ids[group[0], :prompt_length]
+        ids, positions, segments, owner = [prompt], [torch.arange(prompt_length)], [torch.zeros(prompt_length)], []
+        owner.append(torch.full((prompt_length,), -1))
+        for number, seq in enumerate(group, start=1):
+            if starts[seq] != prompt_length or not torch.equal(input_ids[seq, :prompt_length], prompt):
+                raise ValueError(f"sequences {group[0]} and {seq} of one row do not share a prompt; cannot pack them")
+            completion = input_ids[seq, prompt_length : lengths[seq]]
+            ids.append(completion)
+            positions.append(torch.arange(prompt_length, lengths[seq]))
+            segments.append(torch.full((len(completion),), number))
+            owner.append(torch.full((len(completion),), seq))
+        rows.append((torch.cat(ids), torch.cat(positions), torch.cat(segments), torch.cat(owner), prompt_length))
+    width = max(len(r[0]) for r in rows)
+    count = len(rows)
+    packed_ids = torch.full((count, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((count, width), dtype=torch.long)
+    segment = torch.full((count, width), -1, dtype=torch.long)
+    seq_index = torch.full((count, width), -1, dtype=torch.long)
+    source_index = torch.arange(width).sub(1).clamp(min=0).repeat(count, 1)
+    for r, (ids, positions, segments, owner, prompt_length) in enumerate(rows):
+        n = len(ids)
+        packed_ids[r, :n] = ids
+        position_ids[r, :n] = positions
+        position_ids[r, n:] = torch.arange(width - n)  # padding: any valid position, never scored
+        segment[r, :n] = segments.long()
+        seq_index[r, :n] = owner.long()
+        first = (segment[r, 1:n] != segment[r, : n - 1]).nonzero().squeeze(1) + 1  # each completion's first token
+        source_index[r, first] = prompt_length - 1
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no empty softmax
+    device = batch["input_ids"].device
+    packed = {
+        "input_ids": packed_ids,
+        "position_ids": position_ids,
+        "allowed": allowed[:, None],
+        "seq_index": seq_index,
+        "source_index": source_index,
+    }
+    if "prompt_target_mask" in batch:
+        prompt_mask = torch.zeros((count, width), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            prompt_mask[r, 1 : row[4]] = True
+        packed["prompt_target_mask"] = prompt_mask
+    return {k: v.to(device) for k, v in packed.items()}

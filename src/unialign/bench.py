@@ -1,0 +1,628 @@
+"""Side-by-side speed and memory benchmark: unialign against TRL on the same work.
+
+Each (method, library) runs in its own process (clean peak memory, no monkey-patching shared
+between libraries) on the same model, the same token ids (tokenized once by unialign, then handed
+to each library's own collator), the same batches in the same order, batch size, dtype, thread
+count, optimizer (``torch.optim.AdamW``, same learning rate) and number of steps. One step is:
+collate → the trainer's ``training_step`` (forward, loss, backward) → optimizer step.
+
+Reported per row: the loss at step 0 (unialign and TRL must agree to ``tolerance``; a row whose
+losses disagree gets no speed-up, only a mark), seconds per step after warm-up, useful tokens per
+second (non-padding prompt + completion tokens of the plain layout, the same count for every
+library) by wall clock and by the process's CPU time (less disturbed by other jobs on a shared
+machine), peak memory of a step (peak RSS above the RSS before the timed steps on CPU, sampled by a
+thread; ``torch.cuda.max_memory_allocated`` above the allocated memory on GPU), the process's peak
+RSS, and achieved FLOP/s, ``(6·P + 2·P·[reference forward])·T / s`` with ``P`` parameters and
+``T`` tokens the model was actually fed, as a fraction of the measured fp32 matmul peak at the same
+thread count (measured in the parent and again in each worker; the best value is the peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# method → (bundled data, hyperparameters shared by both libraries, how TRL runs it or None)
+METHODS: dict[str, dict[str, Any]] = {
+    "dpo": {"data": "bundled:pairwise", "params": {"beta": 0.1}, "trl": "DPOTrainer"},
+    "kto": {"data": "bundled:binary", "params": {"beta": 0.1}, "trl": "KTOTrainer"},
+    "simpo": {"data": "bundled:pairwise", "params": {"beta": 2.0, "gamma": 0.5}, "trl": "CPOTrainer(loss_type=simpo)"},
+    "tpo": {"data": "bundled:triple", "params": {"beta": 0.01, "alpha": 1.0}, "trl": "experimental TPOTrainer"},
+    "rao": {"data": "bundled:listwise", "params": {"beta": 0.1}, "trl": None},
+}
+# library variant → unialign config keys (None: TRL)
+LIBRARIES: dict[str, dict[str, Any] | None] = {
+    "trl": None,
+    "unialign": {"prefix_sharing": False, "logprob_impl": "chunked"},
+    "unialign-prefix": {"prefix_sharing": True, "logprob_impl": "chunked"},
+    "unialign-full": {"prefix_sharing": False, "logprob_impl": "full"},
+}
+DEFAULT_LIBRARIES = ("trl", "unialign", "unialign-prefix")
+
+
+@dataclass
+class BenchConfig:
+    """What one benchmark invocation runs; every library gets exactly these settings."""
+
+    model: str = "smollm2-135m-instruct"
+    methods: list[str] = field(default_factory=lambda: ["dpo", "kto", "simpo", "tpo", "rao"])
+    libraries: list[str] = field(default_factory=lambda: list(DEFAULT_LIBRARIES))
+    batch_size: int = 4
+    max_length: int = 256
+    steps: int = 8
+    warmup: int = 2
+    threads: int = 2
+    dtype: str = "float32"
+    learning_rate: float = 1e-6
+    lora: bool = False
+    device: str = "auto"
+    tolerance: float = 1e-4
+    isolate: bool = True
+    output_dir: str = "benchmarks/results"
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+class PeakMemory:
+    """Peak memory above a baseline during a ``with`` block: RSS sampled by a thread on CPU, allocator stats on GPU."""
+
+    def __init__(self, device: str, interval: float = 0.002):
+        self.device, self.interval = device, interval
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.baseline = self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def delta_mb(self) -> float:
+        """Peak above the baseline, in MiB."""
+        return (self.peak - self.baseline) / 2**20
+
+
+def matmul_peak_flops(device: str, threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a large fp32 matmul at ``threads`` threads: the machine's practical peak."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = 0.0
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_examples(method: str, cfg: BenchConfig, tokenizer) -> list:
+    """The method's bundled rows tokenized by unialign, cycled to ``batch_size × (warmup + steps)`` rows."""
+    from unialign.config import UnialignConfig
+    from unialign.losses.registry import get_method
+    from unialign.pipeline import prepare_data
+
+    ucfg = UnialignConfig(loss_type=method, output_dir=tempfile.mkdtemp(), max_length=cfg.max_length, report_to=[])
+    data = prepare_data(METHODS[method]["data"], ucfg, get_method(method), tokenizer)
+    need = cfg.batch_size * (cfg.warmup + cfg.steps)
+    return [data.examples[i % len(data.examples)] for i in range(need)]
+
+
+def trl_records(method: str, examples: list) -> list[dict]:
+    """The same token ids in the layout each TRL trainer's collator reads."""
+    records = []
+    for e in examples:
+        p, c = e.prompt_ids, e.completion_ids
+        if method == "dpo":
+            records.append({"prompt_ids": p, "chosen_ids": c[0], "rejected_ids": c[1]})
+        elif method == "tpo":  # unialign's triple slots: reference, chosen, rejected
+            records.append({"prompt_ids": p, "chosen_ids": c[1], "rejected_ids": c[2], "reference_ids": c[0]})
+        elif method == "kto":
+            records.append(
+                {"prompt_ids": p, "completion_ids": c[0], "KL_completion_ids": e.kl_completion_ids,
+                 "label": bool(e.labels[0] >= 0.5)}
+            )
+        elif method == "simpo":
+            record = {}
+            for name, ids in (("chosen", c[0]), ("rejected", c[1])):
+                record[f"{name}_input_ids"] = p + ids
+                record[f"{name}_attention_mask"] = [1] * (len(p) + len(ids))
+                record[f"{name}_labels"] = [-100] * len(p) + ids
+            records.append(record)
+        else:
+            raise ValueError(f"TRL has no {method}")
+    return records
+
+
+# --------------------------------------------------------------------------- one run (in a worker process)
+
+
+def _device(cfg: BenchConfig) -> str:
+    import torch
+
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _models(cfg: BenchConfig, needs_reference: bool):
+    from unialign.models import apply_lora, load_model
+
+    policy = load_model(cfg.model, dtype=cfg.dtype)
+    reference = None
+    if cfg.lora:
+        policy = apply_lora(policy)  # the reference is the base with adapters disabled, in both libraries
+    elif needs_reference:
+        reference = load_model(cfg.model, dtype=cfg.dtype)
+    return policy, reference
+
+
+def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, reference, tokenizer, examples):
+    from unialign.config import UnialignConfig
+    from unialign.data.collate import PreferenceCollator
+    from unialign.losses.registry import get_method
+    from unialign.trainer import UnialignTrainer
+
+    spec = get_method(method)
+    options = LIBRARIES[library]
+    args = UnialignConfig(
+        loss_type=method,
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        max_length=cfg.max_length,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        torch_dtype=cfg.dtype,
+        report_to=[],
+        use_cpu=_device(cfg) == "cpu",
+        **METHODS[method]["params"],
+        **options,
+    )
+    collator = PreferenceCollator(
+        tokenizer.pad_token_id,
+        max(len(e.completion_ids) for e in examples),
+        with_prompt_logps=spec.needs_prompt_logps,
+        with_kl_pairs=spec.needs_kl_pairs,
+        prefix_sharing=options["prefix_sharing"],
+    )
+    trainer = UnialignTrainer(
+        model=policy, args=args, method=spec, ref_model=reference, train_dataset=examples,
+        data_collator=collator, processing_class=tokenizer,
+    )
+    return trainer, collator
+
+
+def _trl_text_rows(method: str) -> list[dict]:
+    """A few plain-text rows: TRL's constructors want a dataset; the measured batches come from our token ids."""
+    base = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No {i}.", "reference": f"Gold {i}."}
+            for i in range(4)]
+    if method == "kto":
+        return [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0} for i, r in enumerate(base)]
+    return base
+
+
+def _trl_trainer(method: str, cfg: BenchConfig, policy, reference, tokenizer):
+    from datasets import Dataset
+
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        report_to=[],
+        use_cpu=_device(cfg) == "cpu",
+        max_length=cfg.max_length,
+        bf16=cfg.dtype == "bfloat16",
+    )
+    rows = _trl_text_rows(method)
+    params = METHODS[method]["params"]
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=params["beta"], loss_type=["sigmoid"], **common)
+        return DPOTrainer(policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer)
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(beta=params["beta"], **common)
+        return KTOTrainer(policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer)
+    if method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=params["beta"], simpo_gamma=params["gamma"],
+                         remove_unused_columns=False, **common)
+        return CPOTrainer(policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if method == "tpo":
+        from trl.experimental.tpo import TPOConfig, TPOTrainer
+
+        args = TPOConfig(beta=params["beta"], tpo_alpha=params["alpha"], loss_type="sigmoid", **common)
+        return TPOTrainer(policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    raise ValueError(f"TRL has no {method}")
+
+
+def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
+    """Train ``steps`` steps after ``warmup`` with one library; the measurements of that run."""
+    import torch
+
+    from unialign.losses.registry import get_method
+    from unialign.models import load_tokenizer
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    device = _device(cfg)
+    spec = get_method(method)
+    row: dict[str, Any] = {"method": method, "library": library, "device": device}
+    if library == "trl" and METHODS[method]["trl"] is None:
+        return row | {"error": f"TRL 1.16 has no {method} trainer"}
+    tokenizer = load_tokenizer(cfg.model)
+    examples = prepare_examples(method, cfg, tokenizer)
+    policy, reference = _models(cfg, spec.needs_reference)
+    if library == "trl":
+        trainer = _trl_trainer(method, cfg, policy, reference, tokenizer)
+        records = trl_records(method, examples)
+        collate, items = trainer.data_collator, records
+    else:
+        trainer, collate = _unialign_trainer(method, cfg, library, policy, reference, tokenizer, examples)
+        items = examples
+    model = trainer.model
+    model.to(device)
+    if getattr(trainer, "ref_model", None) is not None:
+        trainer.ref_model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+    trainer.optimizer = optimizer
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we drive the steps ourselves
+
+    from unialign.data.collate import PreferenceCollator
+
+    plain = PreferenceCollator(tokenizer.pad_token_id, max(len(e.completion_ids) for e in examples),
+                               with_kl_pairs=spec.needs_kl_pairs)
+    b = cfg.batch_size
+    peak_here = matmul_peak_flops(device, cfg.threads)  # under the same load as the steps that follow
+    losses, times, cpu_times, useful, processed, completions = [], [], [], 0, 0, 0
+    memory = PeakMemory(device)
+    for step in range(cfg.warmup + cfg.steps):
+        chunk = slice(step * b, (step + 1) * b)
+        if step == cfg.warmup:
+            memory.__enter__()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        batch = collate(items[chunk])
+        loss = trainer.training_step(model, batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
+        losses.append(float(loss))
+        if step >= cfg.warmup:
+            times.append(elapsed)
+            cpu_times.append(cpu_elapsed)
+            reference_batch = plain(examples[chunk])
+            tokens = int(reference_batch["attention_mask"].sum())
+            useful += tokens
+            fed = tokens
+            if library != "trl" and LIBRARIES[library]["prefix_sharing"]:
+                fed = sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) + len(e.kl_completion_ids or [])
+                          for e in examples[chunk])
+            processed += fed
+            completions += sum(len(e.completion_ids) for e in examples[chunk])
+    memory.__exit__(None, None, None)
+    import resource
+
+    seconds = sum(times)
+    params = sum(p.numel() for p in model.parameters())
+    reference_forward = spec.needs_reference
+    flops = (6 + (2 if reference_forward else 0)) * params * processed
+    return row | {
+        "loss_step0": losses[0],
+        "losses": losses,
+        "s_per_step": seconds / len(times),
+        "cpu_s_per_step": sum(cpu_times) / len(cpu_times),
+        "useful_tokens_per_cpu_s": useful / sum(cpu_times),
+        "matmul_peak_flops": peak_here,
+        "useful_tokens_per_s": useful / seconds,
+        "useful_tokens_per_step": useful / len(times),
+        "fed_tokens_per_step": processed / len(times),
+        "completions_per_step": completions / len(times),
+        "s_per_completion": seconds / completions,
+        "peak_step_mem_mb": memory.delta_mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params": params,
+        "flops_per_s": flops / seconds,
+        "reference_forward": reference_forward,
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _run_isolated(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
+    command = [sys.executable, "-m", "unialign.bench", "--worker", json.dumps([method, library, asdict(cfg)])]
+    result = subprocess.run(command, capture_output=True, text=True)
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("BENCH-RESULT "):
+            return json.loads(line[len("BENCH-RESULT ") :])
+    tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+    return {"method": method, "library": library, "error": " | ".join(tail) or f"exit code {result.returncode}"}
+
+
+def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float) -> list[dict[str, Any]]:
+    """Add to each unialign row its comparison with TRL's row of the same method.
+
+    A speed-up (``speedup_tokens``, ``memory_ratio``) is reported only when both step-0 losses
+    (and, when recorded, both losses after the first update) agree to ``tolerance`` (relative to
+    ``max(1, |loss|)``); otherwise the row is marked ``loss_mismatch`` and the ratios are ``None``.
+    """
+    trl = {r["method"]: r for r in rows if r["library"] == "trl" and "error" not in r}
+    peak_flops = max([peak_flops, *(r.get("matmul_peak_flops", 0) for r in rows)])  # best seen: least disturbed
+    for row in rows:
+        if "flops_per_s" in row and peak_flops:
+            row["mfu"] = row["flops_per_s"] / peak_flops
+        if row["library"] == "trl" or "error" in row:
+            continue
+        row["speedup_tokens"] = row["memory_ratio"] = None
+        other = trl.get(row["method"])
+        if other is None:
+            row["vs_trl"] = "no TRL trainer" if METHODS[row["method"]]["trl"] is None else "TRL run failed"
+            continue
+        gap = abs(row["loss_step0"] - other["loss_step0"])
+        row["loss_gap"] = gap
+        # With the reference equal to the policy, DPO's and KTO's step-0 losses are constants (log 2, 0.5):
+        # the loss after one identical update also has to agree, which checks the gradients too.
+        later = [abs(a - b) for a, b in zip(row["losses"][1:2], other["losses"][1:2])]
+        row["loss_gap_step1"] = later[0] if later else None
+        if max([gap, *later]) > tolerance * max(1.0, abs(other["loss_step0"])):
+            row["vs_trl"] = "loss_mismatch"
+            continue
+        row["vs_trl"] = "ok"
+        row["speedup_tokens"] = row["useful_tokens_per_s"] / other["useful_tokens_per_s"]
+        if "useful_tokens_per_cpu_s" in row and "useful_tokens_per_cpu_s" in other:
+            row["speedup_cpu"] = row["useful_tokens_per_cpu_s"] / other["useful_tokens_per_cpu_s"]
+        if other["peak_step_mem_mb"] > 0:
+            row["memory_ratio"] = row["peak_step_mem_mb"] / other["peak_step_mem_mb"]
+    return rows
+
+
+def completion_costs(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds per completion of each method relative to DPO's, per unialign variant."""
+    out = {}
+    for library in {r["library"] for r in rows if r["library"] != "trl"}:
+        by_method = {r["method"]: r for r in rows if r["library"] == library and "s_per_completion" in r}
+        if "dpo" not in by_method:
+            continue
+        for method, row in by_method.items():
+            out[f"{library}:{method}"] = row["s_per_completion"] / by_method["dpo"]["s_per_completion"]
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the rows."""
+    head = ("| method | library | loss@0 | s/step | CPU s/step | useful tok/s | s/completion | step peak MiB "
+            "| peak RSS MiB | FLOP/s | of peak | vs TRL: tok/s × | CPU-time × | mem × | check |")
+    lines = [head, "|" + "---|" * 15]
+
+    def num(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['library']} | " + " | ".join(["–"] * 12) + f" | {r['error']} |")
+            continue
+        check = r.get("vs_trl", "reference" if r["library"] == "trl" else "")
+        if check == "loss_mismatch":
+            check = f"**LOSS MISMATCH** (gap {r['loss_gap']:.2e}): no speed-up claimed"
+        elif check == "ok":
+            check = f"ok (loss gap {r['loss_gap']:.1e}, after 1 step {num(r.get('loss_gap_step1'), '.1e')})"
+        lines.append(
+            f"| {r['method']} | {r['library']} | {r['loss_step0']:.6f} | {r['s_per_step']:.2f} | "
+            f"{num(r.get('cpu_s_per_step'), '.2f')} | {r['useful_tokens_per_s']:.1f} | {r['s_per_completion']:.3f} | "
+            f"{r['peak_step_mem_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['flops_per_s'] / 1e9:.1f} G | "
+            f"{num(r.get('mfu'), '.1%')} | {num(r.get('speedup_tokens'), '.2f')} | "
+            f"{num(r.get('speedup_cpu'), '.2f')} | {num(r.get('memory_ratio'), '.2f')} | {check} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    """Where the numbers come from."""
+    import torch
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+    }
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        info["trl"] = None
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["load_avg_at_start"] = os.getloadavg()
+    except (ImportError, OSError):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every (method, library) pair and return (and append to ``output_dir``) the report."""
+    import torch
+
+    device = _device(cfg)
+    unknown = [m for m in cfg.methods if m not in METHODS] + [x for x in cfg.libraries if x not in LIBRARIES]
+    if unknown:
+        raise ValueError(f"unknown method or library {unknown}; methods: {list(METHODS)}, libraries: {list(LIBRARIES)}")
+    info = machine_info(device, cfg.threads)
+    peak = matmul_peak_flops(device, cfg.threads)
+    torch.set_num_threads(cfg.threads)
+    rows = []
+    for method in cfg.methods:
+        for library in cfg.libraries:
+            if library == "trl" and METHODS[method]["trl"] is None:
+                rows.append({"method": method, "library": library, "error": f"TRL 1.16 has no {method} trainer"})
+                continue
+            row = _run_isolated(method, library, cfg) if cfg.isolate else _safe_run(method, library, cfg)
+            rows.append(row)
+            print(_progress(row), file=sys.stderr, flush=True)
+    summarize(rows, peak, cfg.tolerance)
+    report = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": asdict(cfg),
+        "machine": info,
+        "matmul_peak_flops": max([peak, *(r.get("matmul_peak_flops", 0) for r in rows)]),
+        "trl_trainers": {m: METHODS[m]["trl"] for m in cfg.methods},
+        "rows": rows,
+        "completion_cost_vs_dpo": completion_costs(rows),
+        "table": format_table(rows),
+    }
+    if cfg.output_dir:
+        folder = Path(cfg.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        report["path"] = str(path)
+    return report
+
+
+def _safe_run(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
+    try:
+        return run_one(method, library, cfg)
+    except Exception as err:  # one failing library must not hide the others' numbers
+        return {"method": method, "library": library, "error": f"{type(err).__name__}: {err}"}
+
+
+def _progress(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['method']:<6} {row['library']:<16} error: {row['error']}"
+    return (f"{row['method']:<6} {row['library']:<16} loss0={row['loss_step0']:.6f} "
+            f"{row['s_per_step']:.3f} s/step {row['useful_tokens_per_s']:.0f} tok/s "
+            f"step peak {row['peak_step_mem_mb']:.0f} MiB")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``unialign bench`` options."""
+    d = BenchConfig()
+    parser.add_argument("--model", default=d.model, help="embedded default, a local folder or an HF model path")
+    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument(
+        "--libraries", default=",".join(d.libraries), help=f"comma-separated, from {', '.join(LIBRARIES)}"
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step (each with K completions)")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help="prompt + completion tokens")
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads for every run")
+    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (both libraries)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights (both)")
+    parser.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    parser.add_argument("--tolerance", type=float, default=d.tolerance, help="step-0 loss agreement required")
+    parser.add_argument("--output-dir", default=d.output_dir, help="a bench_<time>.json is written here")
+    parser.add_argument("--in-process", action="store_true", help="no worker processes (peak RSS is then shared)")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """``unialign bench``: run, print the table, say where the JSON went."""
+    cfg = BenchConfig(
+        model=args.model,
+        methods=[m for m in args.methods.split(",") if m],
+        libraries=[x for x in args.libraries.split(",") if x],
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        dtype=args.dtype,
+        learning_rate=args.lr,
+        lora=args.lora,
+        device=args.device,
+        tolerance=args.tolerance,
+        isolate=not args.in_process,
+        output_dir=args.output_dir,
+    )
+    report = run_bench(cfg)
+    m = report["machine"]
+    print(f"{m['device']} · {m['cpu_count']} CPUs · {cfg.threads} threads · torch {m['torch']} · "
+          f"matmul peak {report['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(report["table"])
+    for key, ratio in sorted(report["completion_cost_vs_dpo"].items()):
+        print(f"cost per completion {key} / dpo: {ratio:.2f}")
+    if "path" in report:
+        print(f"wrote {report['path']}")
+    return 0
+
+
+def _worker(payload: str) -> None:
+    method, library, values = json.loads(payload)
+    row = _safe_run(method, library, BenchConfig(**values))
+    print("BENCH-RESULT " + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _worker(sys.argv[2])
+    else:
+        parser = argparse.ArgumentParser(prog="unialign bench", description=__doc__.splitlines()[0])
+        add_bench_arguments(parser)
+        sys.exit(run_bench_cli(parser.parse_args()))

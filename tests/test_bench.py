@@ -1,0 +1,89 @@
+"""The benchmark harness on the tiny model: it runs both libraries, writes the JSON, and refuses to claim a
+speed-up when the step-0 losses disagree. No timings are asserted (speed is printed by benchmarks)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from unialign.bench import BenchConfig, format_table, run_bench, summarize
+from unialign.cli import build_parser
+
+pytest.importorskip("trl")
+
+ROW_FIELDS = {
+    "method", "library", "loss_step0", "losses", "s_per_step", "cpu_s_per_step", "useful_tokens_per_s",
+    "useful_tokens_per_cpu_s", "matmul_peak_flops", "useful_tokens_per_step",
+    "fed_tokens_per_step", "s_per_completion", "peak_step_mem_mb", "peak_rss_mb", "params", "flops_per_s", "mfu",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(
+        model=tiny_model_dir, methods=["simpo"], libraries=["trl", "unialign", "unialign-prefix"], batch_size=2,
+        max_length=48, steps=1, warmup=1, threads=1, isolate=False, output_dir=str(out),
+    )
+    return run_bench(cfg)
+
+
+def test_harness_writes_json_with_every_field(report):
+    saved = json.loads(open(report["path"], encoding="utf-8").read())
+    assert saved["config"]["batch_size"] == 2 and saved["matmul_peak_flops"] > 0
+    assert saved["trl_trainers"] == {"simpo": "CPOTrainer(loss_type=simpo)"}
+    rows = {r["library"]: r for r in saved["rows"]}
+    assert set(rows) == {"trl", "unialign", "unialign-prefix"}
+    for row in rows.values():
+        assert "error" not in row, row.get("error")
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert len(row["losses"]) == 2 and row["s_per_step"] > 0 and 0 < row["mfu"]
+    # same token ids and batches: the useful work is identical, prefix sharing feeds fewer tokens
+    assert rows["trl"]["useful_tokens_per_step"] == rows["unialign"]["useful_tokens_per_step"]
+    assert rows["unialign-prefix"]["fed_tokens_per_step"] < rows["unialign"]["fed_tokens_per_step"]
+    for library in ("unialign", "unialign-prefix"):
+        assert rows[library]["loss_step0"] == pytest.approx(rows["trl"]["loss_step0"], abs=1e-4)
+        assert rows[library]["vs_trl"] == "ok" and rows[library]["speedup_tokens"] > 0
+    assert "| simpo | trl |" in saved["table"]
+
+
+def test_no_speedup_claimed_when_step0_losses_disagree(report):
+    rows = copy.deepcopy(report["rows"])
+    for row in rows:
+        row.pop("vs_trl", None)
+        if row["library"] == "unialign":
+            row["loss_step0"] += 0.01  # injected mismatch
+    summarize(rows, report["matmul_peak_flops"], tolerance=1e-4)
+    bad = next(r for r in rows if r["library"] == "unialign")
+    good = next(r for r in rows if r["library"] == "unialign-prefix")
+    assert bad["vs_trl"] == "loss_mismatch"
+    assert bad["speedup_tokens"] is None and bad["memory_ratio"] is None
+    assert good["vs_trl"] == "ok" and good["speedup_tokens"] is not None
+    table = format_table(rows)
+    line = next(line for line in table.splitlines() if "| simpo | unialign |" in line)
+    assert "LOSS MISMATCH" in line and "no speed-up claimed" in line
+
+
+def test_mismatch_after_the_first_update_is_also_refused(report):
+    rows = copy.deepcopy(report["rows"])
+    for row in rows:
+        if row["library"] == "unialign-prefix":
+            row["losses"][1] += 0.5
+    summarize(rows, report["matmul_peak_flops"], tolerance=1e-4)
+    assert next(r for r in rows if r["library"] == "unialign-prefix")["vs_trl"] == "loss_mismatch"
+
+
+def test_methods_without_trl_say_so(tiny_model_dir, tmp_path):
+    cfg = BenchConfig(model=tiny_model_dir, methods=["rao"], libraries=["trl"], steps=1, warmup=0, isolate=False,
+                      output_dir=str(tmp_path))
+    rows = run_bench(cfg)["rows"]
+    assert rows == [{"method": "rao", "library": "trl", "error": "TRL 1.16 has no rao trainer"}]
+
+
+def test_cli_has_a_bench_subcommand():
+    args = build_parser().parse_args(["bench", "--methods", "dpo,tpo", "--steps", "3", "--in-process"])
+    assert args.methods == "dpo,tpo" and args.steps == 3 and args.in_process
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
