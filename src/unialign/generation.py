@@ -24,6 +24,9 @@ class GenerationConfig:
     num_return_sequences: int = 1
     batch_size: int = 16
     seed: int | None = 0
+    # None keeps the model's generation_config value; online training sets 1.0 so that samples come
+    # from the policy's own distribution.
+    repetition_penalty: float | None = None
 
 
 @dataclass
@@ -41,16 +44,26 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, progress
 
     Returns one list of :class:`Generation` per prompt, in prompt order.
     """
+    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
+    return generate_from_ids(model, tokenizer, prompt_ids, config, progress, desc)
+
+
+def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
+                      progress: bool = False, desc: str = "generating") -> list[list[Generation]]:
+    """:func:`generate` for prompts that are already token ids (online training tokenizes them once).
+
+    Returns one list of ``num_return_sequences`` :class:`Generation` per prompt, in prompt order.
+    """
     if config.seed is not None:
         torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     results: list[list[Generation]] = []
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    bar = tqdm(total=len(prompt_ids), desc=desc, disable=not progress, unit="prompt")
     try:
-        for start in range(0, len(prompts), config.batch_size):
-            batch = [encode_prompt(p, tokenizer) for p in prompts[start : start + config.batch_size]]
+        for start in range(0, len(prompt_ids), config.batch_size):
+            batch = prompt_ids[start : start + config.batch_size]
             results.extend(_generate_batch(model, tokenizer, batch, config, device))
             bar.update(len(batch))
     finally:
@@ -74,6 +87,7 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: Gener
         temperature=config.temperature if sample else None,
         top_p=config.top_p if sample else None,
         top_k=None,
+        repetition_penalty=config.repetition_penalty,
         num_return_sequences=config.num_return_sequences,
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
@@ -94,3 +108,35 @@ def _to_generation(ids: list[int], tokenizer) -> Generation:
     else:
         ids = [t for t in ids if t != tokenizer.pad_token_id]
     return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, ended)
+
+
+def completion_ids(generation: Generation, eos_token_id: int) -> list[int]:
+    """Exactly the sampled tokens: the completion's ids plus EOS when it stopped on EOS (SPEC §1)."""
+    return list(generation.token_ids) + ([eos_token_id] if generation.ended else [])
+
+
+def check_backend(name: str) -> None:
+    """Raise a clear error unless generation backend ``name`` can run here.
+
+    ``transformers`` always can. ``vllm`` needs the ``vllm`` package and a CUDA GPU.
+    """
+    if name == "transformers":
+        return
+    if name != "vllm":
+        raise ValueError(f"unknown generation_backend {name!r}; use transformers or vllm")
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("vllm") is None:
+        missing.append("the vllm package is not installed (pip install vllm)")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible")
+    if missing:
+        raise RuntimeError(
+            "generation_backend: vllm cannot run here: " + "; ".join(missing)
+            + ". Use generation_backend: transformers."
+        )
+    raise NotImplementedError(
+        "generation_backend: vllm is not implemented yet (it needs weight syncing from the trained policy into "
+        "the vLLM engine after every optimizer step); use generation_backend: transformers"
+    )

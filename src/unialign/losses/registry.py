@@ -24,6 +24,8 @@ class Method:
         needs_prompt_logps: whether prompt log-probs after the first token are computed (RAO).
         needs_kl_pairs: whether mismatched (prompt, completion) pairs are scored (KTO).
         model_kind: ``causal_lm`` or ``sequence_classifier`` (reward-model training).
+        online: whether the method samples its own completions during training (``pipeline.train``
+            hands it to :mod:`unialign.online`).
         targets_from: which per-slot feedback fills ``MethodInputs.targets``: ``labels`` (1 preferred /
             0 not) or ``scores`` (normalized explicit scores, labels when a row has none); ``None``: no targets.
         defaults: the papers' hyperparameters, applied where the config leaves a field unset.
@@ -40,6 +42,7 @@ class Method:
     needs_prompt_logps: bool = False
     needs_kl_pairs: bool = False
     model_kind: str = "causal_lm"
+    online: bool = False
     targets_from: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -98,4 +101,4 @@ def check_format(method: Method, data_format: str) -> None:
 
 def _load_all() -> None:
     # Importing the family modules registers their methods.
-    from unialign.losses import families  # noqa: F401
+    from unialign.losses import families, una_online  # noqa: F401

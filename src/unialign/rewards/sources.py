@@ -42,22 +42,40 @@ class RewardModel(RewardSource):
         self.name, self.bounds, self.batch_size = f"reward-model:{path}", None, batch_size
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.model = load_model(path, kind="sequence_classifier", trust_remote_code=trust_remote_code).eval()
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+
+    def encode(self, prompt: Prompt, completion: str) -> list[int]:
+        """Token ids the reward model reads for one (prompt, completion), with its own tokenizer.
+
+        Exactly the layout unialign trains reward models on: the prompt through the reward model's
+        chat template with the generation prompt (a string prompt becomes one user message; without a
+        template, the last user message's text is used), then the completion and EOS. The score is
+        read at that EOS, so a template's trailing newline after the end-of-turn token must not be
+        appended here.
+        """
+        from unialign.data.tokenize import encode_completion, encode_prompt
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            prompt = prompt_text(prompt)  # no template: the plain text of the last user turn
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return encode_prompt(prompt, self.tokenizer) + encode_completion(completion, self.tokenizer)
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
-        from unialign.data.tokenize import encode_completion, encode_prompt
-
         check_lengths(prompts, completions)
         scores = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(prompts), self.batch_size):
             seqs = [
-                encode_prompt(p, self.tokenizer) + encode_completion(c, self.tokenizer)
+                self.encode(p, c)
                 for p, c in zip(prompts[start : start + self.batch_size], completions[start : start + self.batch_size])
             ]
             width = max(map(len, seqs))
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+            device = next(self.model.parameters()).device
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
             scores.extend(logits.float().tolist())
         return scores
