@@ -1,4 +1,4 @@
-"""``unialign`` command line: train, methods, data, eval, demo."""
+"""``unialign`` command line: train, methods, data, eval, demo, experiment."""
 
 from __future__ import annotations
 
@@ -107,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-prompts", type=int, default=85, help="held-out prompts to evaluate on (85 = all)")
     demo.add_argument("overrides", nargs="*", help="training config overrides as key=value")
     demo.set_defaults(func=_demo)
+
+    from unialign.experiment import add_experiment_arguments
+
+    experiment = sub.add_parser(
+        "experiment",
+        help="check the papers' claims with a resumable sweep and write the results page",
+        description="Run a sweep spec (e.g. benchmarks/claims/claims.yaml), show its status, or write "
+        "docs/results.md from the cached results.",
+    )
+    add_experiment_arguments(experiment)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark unialign against TRL on the same model, data and settings",
+        description="Run DPO, KTO, SimPO, TPO (and RAO, unialign only) with unialign and TRL side by side; "
+        "print seconds per step, useful tokens/s, peak memory and FLOP/s as a fraction of the matmul peak, "
+        "and append the JSON to --output-dir. A speed-up is reported only where both step-0 losses agree.",
+    )
+    from unialign.bench import add_bench_arguments, run_bench_cli
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench_cli)
 
     card = data.add_parser("card", help="recompute the bundled dataset's statistics and rewrite its CARD.md")
     card.set_defaults(func=_data_card)

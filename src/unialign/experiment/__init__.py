@@ -1,0 +1,98 @@
+"""``unialign experiment``: check the papers' claims at small scale with a resumable, cached sweep.
+
+- :mod:`unialign.experiment.spec` reads the sweep spec (runs, shared budget, eval setting, claims)
+  and gives every (run, seed) an id that hashes its resolved settings.
+- :mod:`unialign.experiment.runner` trains and evaluates what is not cached yet.
+- :mod:`unialign.experiment.report` writes the results page from the cached results only.
+
+The sweep of the three papers' claims is ``benchmarks/claims/claims.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from unialign.experiment.report import claim_verdict, collect, evaluate_check, write_report
+from unialign.experiment.runner import SweepSummary, execute_job, read_record, run_sweep
+from unialign.experiment.spec import Spec, SpecError, load_spec, planned_runs, run_id, validate_spec
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``run``, ``report`` and ``status`` subcommands to the ``unialign experiment`` parser."""
+    sub = parser.add_subparsers(title="experiment commands")
+    run = sub.add_parser("run", help="train and evaluate every run of the spec that is not cached yet",
+                         description="Resumable: finished runs are never redone; rerun the same command after "
+                         "an interruption to continue.")
+    run.add_argument("spec", help="sweep spec YAML, e.g. benchmarks/claims/claims.yaml")
+    run.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                     help="only these runs (their dependencies are added)")
+    run.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds")
+    run.add_argument("--in-process", action="store_true",
+                     help="train in this process instead of one fresh process per run (peak memory is then shared)")
+    run.add_argument("--no-report", action="store_true", help="do not rewrite the results page afterwards")
+    run.set_defaults(func=_run)
+    report = sub.add_parser("report", help="write the results page and figures from the cached results")
+    report.add_argument("spec")
+    report.add_argument("--out", default=None, help="page path (default: the spec's results_page)")
+    report.set_defaults(func=_report)
+    status = sub.add_parser("status", help="list every run and seed with its state")
+    status.add_argument("spec")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    for note in validate_spec(spec):
+        print(f"note: {note}")
+    summary = run_sweep(spec, args.only, args.seeds, isolate=not args.in_process)
+    if not args.no_report:
+        print(f"wrote {write_report(spec)}")
+    return 1 if summary.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    print(f"wrote {write_report(spec, args.out)}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    for note in validate_spec(spec):
+        print(f"note: {note}")
+    counts: dict[str, int] = {}
+    total_seconds = 0.0
+    for name, seed in planned_runs(spec):
+        record = read_record(spec, name, seed)
+        state = record["status"] if record else "pending"
+        counts[state] = counts.get(state, 0) + 1
+        extra = ""
+        if record and record.get("train"):
+            total_seconds += record["train"]["seconds"]
+            extra = f"train {record['train']['seconds']:.0f}s"
+        if record and record.get("reason"):
+            extra = record["reason"]
+        print(f"{name:<18} seed {seed}  {run_id(spec, name, seed)}  {state:<11} {extra}")
+    states = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    print(f"{states}; training time so far {total_seconds / 60:.0f} min")
+    return 0
+
+
+__all__ = [
+    "Spec",
+    "SpecError",
+    "SweepSummary",
+    "add_experiment_arguments",
+    "claim_verdict",
+    "collect",
+    "evaluate_check",
+    "execute_job",
+    "load_spec",
+    "planned_runs",
+    "read_record",
+    "run_id",
+    "run_sweep",
+    "validate_spec",
+    "write_report",
+]

@@ -1,0 +1,507 @@
+"""The resumable sweep runner: train, evaluate and cache every (run, seed) of a spec.
+
+Layout under the spec's ``workdir``::
+
+    results/<run id>.json       one record per run (status done | failed | unavailable), written atomically
+    runs/<name>-s<seed>-<id>/   the run directory: job.json, log.txt, metrics.jsonl, model/, eval/
+    cache/reference-<id>.json   the untouched model's generations and judge rewards, once per eval setting
+    data/<name>-<id>.jsonl      derived datasets
+
+A run whose record says ``done`` is never redone; anything else (no record, failed, unavailable) is
+tried again on the next ``run``. A run interrupted half-way leaves no record, so its directory is
+wiped and the run starts over. By default each run trains in a fresh Python process, so peak memory
+(RSS) is that run's own and a crash cannot take the sweep down.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from unialign.experiment.spec import PLACEHOLDER, Spec, dataset_id, eval_id, planned_runs, resolved_settings, run_id
+
+logger = logging.getLogger(__name__)
+
+DONE, FAILED, UNAVAILABLE = "done", "failed", "unavailable"
+# Training-curve keys kept in a result (the rest stay in the run's metrics.jsonl).
+CURVE_PREFIXES = ("rewards/", "logratios/", "logps/", "targets/")
+CURVE_KEYS = ("loss", "nll_loss", "prompt_delta")
+
+
+# ----------------------------------------------------------------------------- paths and records
+def results_dir(spec: Spec) -> Path:
+    """Folder of the per-run result records."""
+    return spec.workdir / "results"
+
+
+def result_path(spec: Spec, name: str, seed: int) -> Path:
+    """Where the record of run ``name`` at ``seed`` lives (named by its run id)."""
+    return results_dir(spec) / f"{run_id(spec, name, seed)}.json"
+
+
+def run_dir(spec: Spec, name: str, seed: int) -> Path:
+    """The run directory of run ``name`` at ``seed``."""
+    return spec.workdir / "runs" / f"{name}-s{seed}-{run_id(spec, name, seed)[:10]}"
+
+
+def reference_cache_path(spec: Spec) -> Path:
+    """The reference-generation cache file of the spec's eval setting."""
+    return spec.workdir / "cache" / f"reference-{eval_id(spec)}.json"
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, ensure_ascii=False, indent=1, default=_json_default)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def read_record(spec: Spec, name: str, seed: int) -> dict[str, Any] | None:
+    """The cached record of a run under its current settings, or None (also for an unreadable file)."""
+    path = result_path(spec, name, seed)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def done_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
+    """Finished records of every (run, seed) of the spec under its current settings."""
+    out = {}
+    for name, entry in spec.runs.items():
+        for seed in entry.seeds:
+            record = read_record(spec, name, seed)
+            if record is not None and record.get("status") == DONE:
+                out[(name, seed)] = record
+    return out
+
+
+# ----------------------------------------------------------------------------- the sweep
+@dataclass
+class SweepSummary:
+    """What one ``run`` call did, by (name, seed)."""
+
+    cached: list[tuple[str, int]] = field(default_factory=list)
+    done: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[tuple[str, int]] = field(default_factory=list)
+    unavailable: list[tuple[str, int]] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One-line summary."""
+        return (f"{len(self.done)} trained, {len(self.cached)} cached, {len(self.failed)} failed, "
+                f"{len(self.unavailable)} unavailable")
+
+
+def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None = None, *,
+              isolate: bool = True, log: Callable[[str], None] = print) -> SweepSummary:
+    """Run every planned (run, seed) that has no finished record; see the module docstring.
+
+    ``only`` restricts to those entries (their dependencies are added); ``seeds`` to those seeds.
+    ``isolate`` trains each run in a fresh process (peak memory per run); ``False`` runs in this process.
+    A run that raises is recorded as failed and the sweep goes on; KeyboardInterrupt stops it.
+    """
+    summary = SweepSummary()
+    plan = planned_runs(spec, only, seeds)
+    for index, (name, seed) in enumerate(plan, 1):
+        tag = f"[{index}/{len(plan)}] {name} seed {seed}"
+        record = read_record(spec, name, seed)
+        if record is not None and record.get("status") == DONE:
+            summary.cached.append((name, seed))
+            log(f"{tag}: cached ({record.get('run_id')})")
+            continue
+        why = unavailable_reason(spec, name, seed)
+        if why:
+            write_json_atomic(result_path(spec, name, seed), _record(spec, name, seed, UNAVAILABLE, reason=why))
+            summary.unavailable.append((name, seed))
+            log(f"{tag}: unavailable: {why}")
+            continue
+        log(f"{tag}: running in {run_dir(spec, name, seed)}")
+        started = time.perf_counter()
+        try:
+            job = prepare_job(spec, name, seed)
+            outcome = _run_isolated(job) if isolate else execute_job(job)
+        except KeyboardInterrupt:
+            log(f"{tag}: interrupted; rerun the same command to continue")
+            raise
+        except Exception as err:  # a failed run is recorded and the sweep goes on
+            logger.debug("run %s seed %s failed", name, seed, exc_info=True)
+            reason = f"{type(err).__name__}: {err}"
+            write_json_atomic(result_path(spec, name, seed), _record(
+                spec, name, seed, FAILED, reason=reason, traceback=traceback.format_exc()[-4000:]))
+            summary.failed.append((name, seed))
+            log(f"{tag}: failed after {time.perf_counter() - started:.0f}s: {reason}")
+            continue
+        write_json_atomic(result_path(spec, name, seed), _record(spec, name, seed, DONE, **outcome))
+        summary.done.append((name, seed))
+        log(f"{tag}: done in {time.perf_counter() - started:.0f}s{_headline(outcome)}")
+    log(summary.line())
+    return summary
+
+
+def _headline(outcome: dict[str, Any]) -> str:
+    ev = outcome.get("eval") or {}
+    if "mean_reward" not in ev:
+        return ""
+    return f" (judge reward {ev['mean_reward']:.4f}, win rate {ev['win_rate']:.3f}, KL {ev['kl']:.2f})"
+
+
+def _record(spec: Spec, name: str, seed: int, status: str, **extra: Any) -> dict[str, Any]:
+    entry = spec.runs[name]
+    return {
+        "run_id": run_id(spec, name, seed),
+        "name": name,
+        "label": entry.label,
+        "seed": seed,
+        "status": status,
+        "method": entry.config["loss_type"],
+        "run_dir": os.path.relpath(run_dir(spec, name, seed), spec.workdir),
+        "settings": resolved_settings(spec, name, seed),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def unavailable_reason(spec: Spec, name: str, seed: int) -> str | None:
+    """Why run ``name`` cannot run now (its method is not registered, a dependency is not done), or None."""
+    from unialign.losses.registry import get_method
+
+    loss_type = spec.runs[name].config["loss_type"]
+    try:
+        get_method(loss_type)
+    except ValueError:
+        return f"loss_type {loss_type!r} is not registered in this installation"
+    for dep in spec.runs[name].dependencies():
+        record = read_record(spec, dep, seed)
+        if record is None or record.get("status") != DONE:
+            status = "not run" if record is None else record.get("status")
+            detail = f" ({record.get('reason')})" if record and record.get("reason") else ""
+            return f"dependency {dep} (seed {seed}) is {status}{detail}"
+    return None
+
+
+# ----------------------------------------------------------------------------- jobs
+def prepare_job(spec: Spec, name: str, seed: int) -> dict[str, Any]:
+    """Everything one run needs, with placeholders replaced by real paths; wipes a leftover run directory."""
+    entry = spec.runs[name]
+    folder = run_dir(spec, name, seed)
+    if folder.exists():  # left by an interrupted attempt: start over
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    config = {**spec.budget, **entry.config, "seed": seed, "output_dir": str(folder)}
+    for key, value in list(config.items()):
+        match = PLACEHOLDER.match(value) if isinstance(value, str) else None
+        if match and match.group(1) == "model":
+            config[key] = str(spec.workdir / read_record(spec, match.group(2), seed)["run_dir"] / "model")
+        elif match:
+            config[key] = str(materialize_dataset(spec, match.group(2)))
+    job: dict[str, Any] = {"name": name, "seed": seed, "run_dir": str(folder), "config": config, "eval": None}
+    if entry.rescore:
+        rm_record = read_record(spec, entry.rescore["run"], seed)
+        job["rescore"] = {**entry.rescore, "model": str(spec.workdir / rm_record["run_dir"] / "model"),
+                          "out": str(folder / "data" / "rescored.jsonl")}
+    if entry.evaluate:
+        job["eval"] = {**spec.eval, "base_model": spec.base_model(), "reference_cache": str(reference_cache_path(spec)),
+                       "pairs_reference": config.get("model_name_or_path", spec.base_model())}
+    write_json_atomic(folder / "job.json", job)
+    return job
+
+
+def materialize_dataset(spec: Spec, name: str) -> Path:
+    """Write derived dataset ``name`` (source rows, optional column subset and seeded sample) once; its path."""
+    from unialign.data.io import read_rows, write_rows
+
+    definition = spec.datasets[name]
+    path = spec.workdir / "data" / f"{name}-{dataset_id(spec, name)}.jsonl"
+    if path.is_file():
+        return path
+    rows = read_rows(str(definition["source"]), split=str(definition.get("split", "train")))
+    if definition.get("keep"):
+        keep = list(definition["keep"])
+        rows = [{k: row[k] for k in keep if k in row} for row in rows]
+    if definition.get("sample") is not None:
+        count = int(definition["sample"])
+        if count > len(rows):
+            raise ValueError(f"dataset {name!r}: sample {count} is larger than its {len(rows)} rows")
+        picked = sorted(random.Random(int(definition.get("sample_seed", 0))).sample(range(len(rows)), count))
+        rows = [rows[i] for i in picked]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.jsonl")
+    write_rows(rows, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
+    """Run :func:`execute_job` in a fresh Python process; its output goes to ``<run dir>/log.txt``."""
+    folder = Path(job["run_dir"])
+    outcome_path = folder / "outcome.json"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with open(folder / "log.txt", "w", encoding="utf-8") as log_file:
+        code = subprocess.call([sys.executable, "-m", "unialign.experiment.worker", str(folder / "job.json")],
+                               stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    if code != 0 or not outcome_path.is_file():
+        tail = (folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"worker exited with code {code}: {' | '.join(tail) or 'no output'} "
+                           f"(full log: {folder / 'log.txt'})")
+    return json.loads(outcome_path.read_text(encoding="utf-8"))
+
+
+def train_model(config: dict[str, Any]):
+    """Train one run with :func:`unialign.pipeline.train` (a seam the tests replace)."""
+    from unialign.pipeline import train
+
+    return train(config)
+
+
+def execute_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Rescore (when asked), train, measure and evaluate one run; returns the outcome fields of its record."""
+    from unialign.losses.registry import get_method
+
+    config = dict(job["config"])
+    outcome: dict[str, Any] = {}
+    if job.get("rescore"):
+        outcome["rescore"] = rescore_listwise(job["rescore"])
+        config["dataset"] = job["rescore"]["out"]
+    started = time.perf_counter()
+    result = train_model(config)
+    seconds = time.perf_counter() - started
+    outcome["train"] = {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        "curves": read_curves(Path(job["run_dir"]) / "metrics.jsonl"),
+    }
+    outcome["effective"] = effective_settings(Path(job["run_dir"]) / "config.json")
+    model_dir = str(result.model_dir)
+    result.trainer = None
+    del result
+    gc.collect()
+    method = get_method(config["loss_type"])
+    if method.model_kind == "sequence_classifier" and job.get("eval"):
+        outcome["rm_eval"] = reward_model_accuracy(model_dir, job["eval"])
+    elif job.get("eval"):
+        beta = float(outcome["effective"].get("beta") or config.get("beta") or 0.1)
+        outcome["eval"] = evaluate_policy(model_dir, job["eval"], beta, Path(job["run_dir"]))
+    outcome_path = Path(job["run_dir"]) / "outcome.json"
+    write_json_atomic(outcome_path, outcome)
+    return outcome
+
+
+EFFECTIVE_KEYS = ("beta", "z0", "alpha", "gamma", "learning_rate", "max_steps", "per_device_train_batch_size",
+                  "una_loss", "reward_scale", "reward_shift")
+
+
+def effective_settings(config_json: Path) -> dict[str, Any]:
+    """The hyperparameters a run actually used (method defaults filled in), from the ``config.json`` it wrote."""
+    if not config_json.is_file():
+        return {}
+    values = json.loads(config_json.read_text(encoding="utf-8"))
+    return {k: values[k] for k in EFFECTIVE_KEYS if k in values}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux/macOS ``ru_maxrss``)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def read_curves(path: Path) -> dict[str, list[list[float]]]:
+    """``{key: [[step, value], ...]}`` of the training curves kept in a result (see ``CURVE_PREFIXES``)."""
+    from unialign.plots import read_metrics
+
+    if not path.is_file():
+        return {}
+    curves: dict[str, list[list[float]]] = {}
+    for row in read_metrics(path):
+        for key, value in row.items():
+            keep = key.startswith(CURVE_PREFIXES) or key in CURVE_KEYS
+            if keep and isinstance(value, (int, float)) and math.isfinite(value):
+                curves.setdefault(key, []).append([float(row.get("step", 0)), float(value)])
+    return curves
+
+
+# ----------------------------------------------------------------------------- rescoring with a reward model
+def rescore_listwise(rescore: dict[str, Any]) -> dict[str, Any]:
+    """Score every completion of the listwise ``source`` with the reward model; write the rows to ``out``.
+
+    With ``to_range: [lo, hi]`` the scores are mapped linearly so the lowest becomes ``lo`` and the
+    highest ``hi`` (one map over the whole dataset, so differences across prompts are kept). Returns
+    how often the model orders a pair of completions of one prompt as the source rewards do.
+    """
+    from unialign.data.io import read_rows, write_rows
+    from unialign.rewards.sources import RewardModel
+
+    rows = read_rows(str(rescore["source"]), split=str(rescore.get("split", "train")))
+    model = RewardModel(rescore["model"], batch_size=int(rescore.get("batch_size", 16)))
+    prompts = [row["prompt"] for row in rows for _ in row["completions"]]
+    completions = [c for row in rows for c in row["completions"]]
+    scores = [float(s) for s in model(prompts, completions)]
+    low, high = min(scores), max(scores)
+    if rescore.get("to_range") is not None:
+        lo, hi = (float(v) for v in rescore["to_range"])
+        span = (high - low) or 1.0
+        scores = [lo + (s - low) / span * (hi - lo) for s in scores]
+    out_rows, agree, pairs, cursor = [], 0, 0, 0
+    for row in rows:
+        mine = scores[cursor : cursor + len(row["completions"])]
+        cursor += len(row["completions"])
+        for i in range(len(mine)):
+            for j in range(i + 1, len(mine)):
+                if row["rewards"][i] != row["rewards"][j]:
+                    pairs += 1
+                    agree += (mine[i] - mine[j]) * (row["rewards"][i] - row["rewards"][j]) > 0
+        out_rows.append({"prompt": row["prompt"], "completions": row["completions"], "rewards": mine})
+    write_rows(out_rows, rescore["out"])
+    return {"rows": len(out_rows), "raw_min": low, "raw_max": high,
+            "pair_agreement_with_source": agree / pairs if pairs else math.nan}
+
+
+def reward_model_accuracy(model_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Held-out accuracy of a reward model: how often it scores the chosen completion above the rejected."""
+    from unialign.evaluate import load_pairs
+    from unialign.rewards.sources import RewardModel
+
+    if not settings.get("pairs"):
+        return {}
+    pairs = load_pairs(settings["pairs"], settings.get("pairs_limit"))
+    model = RewardModel(model_dir, batch_size=int(settings.get("batch_size", 16)))
+    chosen = model([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = model([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    wins = sum(c > r for c, r in zip(chosen, rejected))
+    return {"num_pairs": len(pairs), "accuracy": wins / len(pairs) if pairs else math.nan,
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs) if pairs else math.nan}
+
+
+# ----------------------------------------------------------------------------- evaluation
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _cached(kind: str, key: str, make: Callable[[], Any]) -> Any:
+    """One loaded base model / tokenizer / judge per process (a sweep in one process reuses them)."""
+    if (kind, key) not in _LOADED:
+        _LOADED[(kind, key)] = make()
+    return _LOADED[(kind, key)]
+
+
+def reference_generations(base_model: str, prompts: list, settings: dict[str, Any], reward, cache: Path):
+    """The untouched model's generations and judge rewards, read from ``cache`` or made once and written there."""
+    from unialign.generation import Generation, GenerationConfig, generate
+    from unialign.models import load_model, load_tokenizer
+
+    if cache.is_file():
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if stored.get("num_prompts") == len(prompts):
+            gens = [Generation(g["text"], list(g["token_ids"]), bool(g["ended"])) for g in stored["generations"]]
+            return gens, [float(g["reward"]) for g in stored["generations"]]
+    model = _cached("model", base_model, lambda: load_model(base_model).eval())
+    tokenizer = _cached("tokenizer", base_model, lambda: load_tokenizer(base_model))
+    gens = [g[0] for g in generate(model, tokenizer, prompts, _generation_config(settings, GenerationConfig),
+                                   progress=False, desc="reference")]
+    rewards = [float(r) for r in reward(prompts, [g.text for g in gens])]
+    write_json_atomic(cache, {
+        "num_prompts": len(prompts),
+        "settings": settings,
+        "generations": [{"text": g.text, "token_ids": g.token_ids, "ended": g.ended, "reward": r}
+                        for g, r in zip(gens, rewards)],
+    })
+    return gens, rewards
+
+
+def _generation_config(settings: dict[str, Any], cls):
+    return cls(temperature=float(settings["temperature"]), max_new_tokens=int(settings["max_new_tokens"]),
+               batch_size=int(settings["batch_size"]), seed=0)
+
+
+def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folder: Path) -> dict[str, Any]:
+    """Evaluate a trained policy as :func:`unialign.evaluate.evaluate` does, with the reference side cached.
+
+    Win/tie/loss, mean reward and KL are against the untouched base model (``settings['base_model']``),
+    whose generations come from :func:`reference_generations`; implicit-reward accuracy on held-out
+    pairs is against the run's own starting model (``pairs_reference``), the reference it trained with.
+    Writes ``eval/eval.json`` and ``eval/eval.md`` into ``folder``; returns the summary numbers.
+    """
+    from unialign.evaluate import (
+        EvalReport,
+        compare,
+        implicit_pair_stats,
+        kl_estimate,
+        load_pairs,
+        load_prompts,
+        side_stats,
+        write_report,
+    )
+    from unialign.generation import GenerationConfig, generate
+    from unialign.models import load_model, load_tokenizer
+    from unialign.rewards.sources import load_reward
+
+    base = settings["base_model"]
+    prompts = load_prompts(settings["prompts"], settings.get("limit"))
+    reward = _cached("reward", settings["judge"], lambda: load_reward(settings["judge"]))
+    ref_gens, ref_rewards = reference_generations(base, prompts, settings, reward, Path(settings["reference_cache"]))
+    tokenizer = load_tokenizer(model_dir)
+    policy = load_model(model_dir).eval()
+    config = _generation_config(settings, GenerationConfig)
+    gens = [g[0] for g in generate(policy, tokenizer, prompts, config, progress=False, desc="policy")]
+    rewards = [float(r) for r in reward(prompts, [g.text for g in gens])]
+    base_model = _cached("model", base, lambda: load_model(base).eval())
+    pairs_reference = settings.get("pairs_reference") or base
+    pair_model = base_model if pairs_reference == base else load_model(pairs_reference).eval()
+    pairs = load_pairs(settings["pairs"], settings.get("pairs_limit")) if settings.get("pairs") else []
+    report = EvalReport(
+        num_prompts=len(prompts),
+        reward_name=getattr(reward, "name", type(reward).__name__),
+        policy=side_stats(rewards, gens),
+        reference=side_stats(ref_rewards, ref_gens),
+        outcomes=compare(rewards, ref_rewards),
+        kl=kl_estimate(policy, base_model, tokenizer, prompts, gens, config.batch_size),
+        beta=beta,
+        pairs=implicit_pair_stats(policy, pair_model, tokenizer, pairs, beta, config.batch_size),
+        settings={"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+                  "model": model_dir, "reference": base, "prompts": settings["prompts"]},
+        samples=[{"prompt": p, "policy": g.text, "reference": rg.text, "policy_reward": r, "reference_reward": rr}
+                 for p, g, rg, r, rr in zip(prompts, gens, ref_gens, rewards, ref_rewards)],
+    )
+    write_report(report, folder / "eval")
+    rates = report.outcomes.rates()
+    return {
+        "num_prompts": report.num_prompts,
+        "mean_reward": report.policy.mean_reward,
+        "reference_mean_reward": report.reference.mean_reward,
+        "win_rate": rates["win_rate"],
+        "tie_rate": rates["tie_rate"],
+        "loss_rate": rates["loss_rate"],
+        "kl": report.kl,
+        "mean_length": report.policy.mean_length,
+        "reference_mean_length": report.reference.mean_length,
+        "eos_rate": report.policy.eos_fraction,
+        "pair_accuracy": report.pairs.accuracy if report.pairs else None,
+        "pair_margin": report.pairs.mean_margin if report.pairs else None,
+        "beta": beta,
+    }

@@ -1,0 +1,345 @@
+"""`unialign experiment`: spec loading, run ids, caching, resume, dependencies, and verdicts on the results page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import conversation
+from unialign.cli import main
+from unialign.experiment import load_spec, planned_runs, read_record, run_id, run_sweep, validate_spec, write_report
+from unialign.experiment import runner as runner_module
+from unialign.experiment.report import (
+    MIXED,
+    NOT_REPRODUCED,
+    NOT_RUN,
+    REPRODUCED,
+    claim_verdict,
+    collect,
+    evaluate_check,
+)
+from unialign.experiment.runner import DONE, _record, result_path, write_json_atomic
+from unialign.experiment.spec import SpecError
+
+REAL_TRAIN = runner_module.train_model
+CLAIMS_SPEC = Path(__file__).resolve().parents[1] / "benchmarks" / "claims" / "claims.yaml"
+
+
+def length_reward(prompts, completions):
+    """A deterministic stand-in judge: longer answers score higher (up to 1)."""
+    return [min(len(c.split()), 10) / 10 for c in completions]
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def tiny_spec(tmp_path: Path, model: str, runs: list[dict], claims: list[dict] | None = None,
+              seeds: list[int] | None = None) -> Path:
+    """A spec over the tiny model and tiny data files; returns its path."""
+    topics = ["cats", "tea", "rain", "maps"]
+    pairs = [{"prompt": conversation(f"Tell me about {t}."), "chosen": f"{t.capitalize()} are nice and calm.",
+              "rejected": f"No {t}."} for t in topics]
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    spec = {
+        "root": ".",
+        "workdir": "work",
+        "results_page": "docs/results.md",
+        "figures_dir": "docs/figures",
+        "seeds": seeds or [0],
+        "budget": {
+            "model_name_or_path": model,
+            "use_peft": True,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "learning_rate": 1e-3,
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "max_length": 48,
+            "max_prompt_length": 32,
+            "logging_steps": 1,
+            "report_to": "none",
+            "disable_tqdm": True,
+        },
+        "eval": {
+            "prompts": _write_jsonl(data / "prompts.jsonl", [{"prompt": p["prompt"]} for p in pairs]),
+            "limit": 3,
+            "max_new_tokens": 4,
+            "batch_size": 2,
+            "judge": "callable:tests.test_experiment:length_reward",
+            "pairs": _write_jsonl(data / "test_pairs.jsonl", pairs[:2]),
+            "pairs_limit": 2,
+        },
+        "datasets": {"pairs_subset": {"source": _write_jsonl(data / "pairs.jsonl", pairs), "sample": 3}},
+        "runs": runs,
+        "claims": claims or [],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def sweep_runs(tmp_path: Path) -> list[dict]:
+    """SFT, DPO, DPO from the SFT model (a dependency on a derived dataset), and an unregistered method."""
+    pairs = str(tmp_path / "data" / "pairs.jsonl")
+    return [
+        {"name": "sft", "config": {"loss_type": "sft", "dataset": pairs}},
+        {"name": "dpo", "config": {"loss_type": "dpo", "dataset": pairs, "beta": 0.1}},
+        {"name": "sft_dpo", "config": {"loss_type": "dpo", "model_name_or_path": "{model:sft}",
+                                       "dataset": "{data:pairs_subset}", "beta": 0.1}},
+        {"name": "future", "config": {"loss_type": "not_registered_yet", "dataset": pairs}},
+    ]
+
+
+class TrainCalls:
+    """Wraps the real training seam: records each run it trains and can fail or interrupt one of them."""
+
+    def __init__(self, monkeypatch, fail: dict[str, BaseException] | None = None):
+        self.calls: list[str] = []
+        self.fail = fail or {}
+
+        def counted(config):
+            name = Path(config["output_dir"]).name.split("-s")[0]
+            self.calls.append(name)
+            if name in self.fail:
+                raise self.fail[name]
+            return REAL_TRAIN(config)
+
+        monkeypatch.setattr(runner_module, "train_model", counted)
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+class Killed(BaseException):
+    """Stands in for the process being stopped mid-run (like KeyboardInterrupt, not caught as a failure)."""
+
+
+# ----------------------------------------------------------------------------- the shipped spec
+def test_claims_spec_validates_and_covers_every_claim():
+    spec = load_spec(CLAIMS_SPEC)
+    notes = validate_spec(spec)  # raises on any config that load_config refuses
+    registered = {"sft", "dpo", "kto", "ipo", "simpo", "una_pair", "una_binary", "una_score", "rao", "reward_model",
+                  "tpo"}
+    assert registered <= {e.config["loss_type"] for e in spec.runs.values()}
+    assert all("not registered" in note for note in notes)
+    assert [c["id"] for c in spec.claims] == [1, 2, 3, 4]
+    assert spec.runs["rao_rm"].dependencies() == ["rm"]
+    assert spec.runs["tpo_sft"].dependencies() == ["sft"]
+    order = [name for name, _ in planned_runs(spec, seeds=[0])]
+    assert order.index("rm") < order.index("rao_rm") and order.index("sft") < order.index("sft_dpo")
+    assert planned_runs(spec, only=["rao_rm"], seeds=[1]) == [("rm", 1), ("rao_rm", 1)]
+    for entry in spec.runs.values():  # the budget is shared: no run overrides it
+        overridden = set(entry.config) & set(spec.budget) - {"model_name_or_path"}
+        assert not overridden, entry.name
+
+
+def test_run_ids_follow_settings_and_dependencies(tmp_path, tiny_model_dir):
+    path = tiny_spec(tmp_path, tiny_model_dir, sweep_runs(tmp_path), seeds=[0, 1])
+    spec = load_spec(path)
+    assert run_id(spec, "dpo", 0) == run_id(load_spec(path), "dpo", 0)
+    assert run_id(spec, "dpo", 0) != run_id(spec, "dpo", 1)
+    before = {name: run_id(spec, name, 0) for name in ("sft", "dpo", "sft_dpo")}
+    spec.runs["sft"].config["learning_rate_note"] = "changed"  # any change of sft's settings...
+    assert run_id(spec, "sft", 0) != before["sft"]
+    assert run_id(spec, "sft_dpo", 0) != before["sft_dpo"]  # ...reaches the run that starts from its model
+    assert run_id(spec, "dpo", 0) == before["dpo"]
+
+
+def test_spec_errors_name_the_problem(tmp_path, tiny_model_dir):
+    runs = [{"name": "dpo", "config": {"loss_type": "dpo", "dataset": "x.jsonl", "max_steps": 5}}]
+    with pytest.raises(SpecError, match="overrides budget key 'max_steps'"):
+        load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    runs = [{"name": "b", "config": {"loss_type": "dpo", "model_name_or_path": "{model:a}", "dataset": "x.jsonl"}}]
+    with pytest.raises(SpecError, match="depends on 'a'"):
+        load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    runs = [{"name": "dpo", "config": {"loss_type": "dpo", "dataset": "x.jsonl", "betta": 0.1}}]
+    with pytest.raises(SpecError, match="unknown config key 'betta'"):
+        validate_spec(load_spec(tiny_spec(tmp_path, tiny_model_dir, runs)))
+
+
+# ----------------------------------------------------------------------------- running
+def test_sweep_caches_resumes_and_handles_dependencies(tmp_path, tiny_model_dir, monkeypatch):
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, sweep_runs(tmp_path)))
+
+    # 1. interrupted while training the second run: the first is cached, the second left no record
+    first = TrainCalls(monkeypatch, fail={"dpo": Killed()})
+    with pytest.raises(Killed):
+        run_sweep(spec, isolate=False, log=_quiet)
+    assert first.calls == ["sft", "dpo"]
+    assert read_record(spec, "sft", 0)["status"] == DONE
+    assert read_record(spec, "dpo", 0) is None
+    cache = next((spec.workdir / "cache").glob("reference-*.json"))
+    cache_stamp = cache.stat().st_mtime_ns
+
+    # 2. the rerun trains only what is missing; the unregistered method is marked and skipped
+    second = TrainCalls(monkeypatch)
+    summary = run_sweep(spec, isolate=False, log=_quiet)
+    assert second.calls == ["dpo", "sft_dpo"]
+    assert summary.cached == [("sft", 0)] and summary.unavailable == [("future", 0)]
+    future = read_record(spec, "future", 0)
+    assert future["status"] == "unavailable" and "'not_registered_yet' is not registered" in future["reason"]
+    job = json.loads((spec.workdir / read_record(spec, "sft_dpo", 0)["run_dir"] / "job.json").read_text())
+    assert job["config"]["model_name_or_path"] == str(spec.workdir / read_record(spec, "sft", 0)["run_dir"] / "model")
+    assert len(Path(job["config"]["dataset"]).read_text().splitlines()) == 3  # the derived 3-row sample
+
+    # 3. everything is cached now: no training at all, and the reference generations were made once
+    third = TrainCalls(monkeypatch)
+    summary = run_sweep(spec, isolate=False, log=_quiet)
+    assert third.calls == [] and len(summary.cached) == 3
+    assert cache.stat().st_mtime_ns == cache_stamp
+
+    record = read_record(spec, "dpo", 0)
+    assert record["run_id"] == run_id(spec, "dpo", 0)
+    assert 0 <= record["eval"]["win_rate"] <= 1 and record["eval"]["num_prompts"] == 3
+    assert record["eval"]["mean_reward"] >= 0 and record["eval"]["pair_accuracy"] is not None
+    assert record["train"]["seconds"] > 0 and record["train"]["peak_rss_mb"] > 0
+    assert [step for step, _ in record["train"]["curves"]["rewards/chosen"]] == [1.0, 2.0]
+    assert record["effective"]["beta"] == 0.1
+    assert record["eval"]["reference_mean_reward"] == read_record(spec, "sft", 0)["eval"]["reference_mean_reward"]
+
+
+def test_failed_dependency_makes_dependent_unavailable_then_recovers(tmp_path, tiny_model_dir, monkeypatch):
+    runs = [r for r in sweep_runs(tmp_path) if r["name"] in ("sft", "sft_dpo")]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    TrainCalls(monkeypatch, fail={"sft": RuntimeError("out of disk")})
+    summary = run_sweep(spec, isolate=False, log=_quiet)
+    assert summary.failed == [("sft", 0)] and summary.unavailable == [("sft_dpo", 0)]
+    assert "RuntimeError: out of disk" in read_record(spec, "sft", 0)["reason"]
+    assert read_record(spec, "sft_dpo", 0)["reason"].startswith("dependency sft (seed 0) is failed")
+
+    retry = TrainCalls(monkeypatch)
+    summary = run_sweep(spec, only=["sft_dpo"], isolate=False, log=_quiet)  # --only adds the dependency
+    assert retry.calls == ["sft", "sft_dpo"] and summary.done == [("sft", 0), ("sft_dpo", 0)]
+
+
+# ----------------------------------------------------------------------------- report
+def _curve(values: list[float]) -> list[list[float]]:
+    return [[float(i + 1), v] for i, v in enumerate(values)]
+
+
+def _fake(spec, name: str, seed: int, reward: float, *, seconds: float = 100.0, chosen=None, margins=None,
+          implicit=None, beta: float = 0.1, z0: float = 0.0) -> None:
+    curves = {"rewards/chosen": _curve(chosen or [0.0, 0.0, 0.0, 0.0])}
+    if margins is not None:
+        curves["rewards/margins"] = _curve(margins)
+    if implicit is not None:
+        curves["rewards/implicit"] = _curve(implicit)
+    write_json_atomic(result_path(spec, name, seed), _record(
+        spec, name, seed, DONE,
+        train={"seconds": seconds, "peak_rss_mb": 1000.0, "curves": curves, "final_metrics": {}},
+        effective={"beta": beta, "z0": z0},
+        eval={"mean_reward": reward, "reference_mean_reward": 0.5, "win_rate": 0.5, "tie_rate": 0.0,
+              "loss_rate": 0.5, "kl": 1.0 + reward, "mean_length": 30.0, "eos_rate": 1.0, "pair_accuracy": 0.5,
+              "beta": beta, "num_prompts": 8},
+    ))
+
+
+REPORT_CLAIMS = [
+    {"id": 1, "title": "strong beats weak; twin equals weak", "checks": [
+        {"kind": "beats", "a": "strong", "b": "weak"},
+        {"kind": "equal", "a": "twin", "b": "weak"}]},
+    {"id": 2, "title": "mixed", "checks": [
+        {"kind": "beats", "a": "strong", "b": "weak"},
+        {"kind": "beats", "a": "weak", "b": "strong"},
+        {"kind": "beats", "a": "strong", "b": "weak", "metric": "train_seconds", "better": "lower"}]},
+    {"id": 3, "title": "curves and sweeps", "checks": [
+        {"kind": "not_falling", "a": "strong", "metric": "chosen_change"},
+        {"kind": "falling", "a": "weak", "metric": "chosen_change"},
+        {"kind": "decreasing", "runs": ["strong", "z_high"], "x": "z0", "metric": "implicit_mean", "seed": 0},
+        {"kind": "decreasing", "runs": ["strong", "b_high"], "x": "beta", "metric": "logratio_gap", "seed": 0}],
+     "figures": ["chosen_curves", "sweep"]},
+    {"id": 4, "title": "never run", "checks": [
+        {"kind": "beats", "a": "missing", "b": "weak"},
+        {"kind": "no_reference", "a": "online"},
+        {"kind": "no_reference", "a": "missing"}]},
+]
+
+
+def test_report_verdicts_on_constructed_results(tmp_path, tiny_model_dir):
+    names = ["strong", "weak", "twin", "missing"]
+    runs = [{"name": n, "label": n.capitalize(), "config": {"loss_type": "dpo", "dataset": "x.jsonl"}} for n in names]
+    runs += [{"name": "z_high", "extends": "strong", "seeds": [0], "config": {"z0": 5.0}},
+             {"name": "b_high", "extends": "strong", "seeds": [0], "config": {"beta": 0.2}},
+             {"name": "online", "config": {"loss_type": "not_registered_yet", "dataset": "x.jsonl"}}]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs, REPORT_CLAIMS, seeds=[0, 1, 2]))
+    for seed, jitter in zip([0, 1, 2], [-0.01, 0.0, 0.01]):
+        _fake(spec, "strong", seed, 0.70 + jitter, seconds=50, chosen=[0.0, 0.1, 0.2, 0.3],
+              margins=[0.0, 0.1, 0.2, 0.4], implicit=[0.0, 0.1, 0.1, 0.2])
+        _fake(spec, "weak", seed, 0.50 + jitter, seconds=100, chosen=[0.0, -0.2, -0.4, -0.6])
+        _fake(spec, "twin", seed, 0.505 - jitter)
+    _fake(spec, "z_high", 0, 0.6, implicit=[0.0, -0.3, -0.4, -0.5], z0=5.0, margins=[0.0, 0.1, 0.2, 0.4])
+    _fake(spec, "b_high", 0, 0.6, beta=0.2, margins=[0.0, 0.1, 0.2, 0.4])  # same margin at twice β: half the gap
+    write_json_atomic(result_path(spec, "missing", 0), _record(spec, "missing", 0, "failed", reason="boom"))
+
+    results = collect(spec)
+    verdicts = [[evaluate_check(results, c).verdict for c in claim["checks"]] for claim in spec.claims]
+    assert verdicts[0] == [REPRODUCED, REPRODUCED]
+    assert verdicts[1] == [REPRODUCED, NOT_REPRODUCED, REPRODUCED]
+    assert verdicts[2] == [REPRODUCED, REPRODUCED, REPRODUCED, REPRODUCED]
+    # "missing" failed (so even its structural check waits for a run); "online" has an unregistered method
+    assert verdicts[3] == [NOT_RUN, NOT_RUN, NOT_RUN]
+    assert [claim_verdict([evaluate_check(results, c) for c in claim["checks"]]) for claim in spec.claims] == [
+        REPRODUCED, MIXED, REPRODUCED, NOT_RUN]
+
+    page = write_report(spec).read_text(encoding="utf-8")
+    assert "| 1. strong beats weak; twin equals weak | **reproduced** | 2/2 |" in page
+    assert "| 2. mixed | **mixed** | 3/3 |" in page
+    assert "| 4. never run | **not run** | 0/3 |" in page
+    assert "| Strong beats Weak (held-out mean judge reward) | reproduced | 0.700 ± 0.010 vs 0.500 ± 0.010;" in page
+    assert "Missing has 0 seed(s) (failed: boom)" in page
+    assert "pooled std = √((std_A² + std_B²) / 2)" in page  # the rule is written on the page
+    assert "unialign experiment run spec.yaml" in page
+    for figure in ("reward_vs_kl.png", "chosen_reward_curves.png", "rao_sweep.png"):
+        assert (spec.figures_dir / figure).is_file()
+        assert f"](figures/{figure})" in page
+
+    # a record written under other settings is not read: changing the budget orphans every result,
+    # and the next report draws no figure rather than keeping stale ones
+    spec.budget["max_steps"] = 3
+    assert collect(spec).done == {}
+    assert "**not run**" in write_report(spec).read_text(encoding="utf-8")
+    assert not (spec.figures_dir / "reward_vs_kl.png").exists()
+
+
+def test_one_seed_comparisons_are_not_judged(tmp_path, tiny_model_dir):
+    runs = [{"name": n, "config": {"loss_type": "dpo", "dataset": "x.jsonl"}} for n in ("a", "b")]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs, seeds=[0, 1]))
+    _fake(spec, "a", 0, 0.9)
+    _fake(spec, "b", 0, 0.1)
+    _fake(spec, "b", 1, 0.1)
+    result = evaluate_check(collect(spec), {"kind": "beats", "a": "a", "b": "b"})
+    assert result.verdict == NOT_RUN and "a has 1 seed(s)" in result.detail
+
+
+def test_cli_status_and_report(tmp_path, tiny_model_dir, capsys):
+    runs = [{"name": "dpo", "config": {"loss_type": "dpo", "dataset": "x.jsonl"}},
+            {"name": "later", "config": {"loss_type": "not_registered_yet", "dataset": "x.jsonl"}}]
+    path = tiny_spec(tmp_path, tiny_model_dir, runs, [{"id": 1, "title": "t", "checks": [
+        {"kind": "beats", "a": "dpo", "b": "later"}]}])
+    spec = load_spec(path)
+    _fake(spec, "dpo", 0, 0.6)
+    assert main(["experiment", "status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "not registered yet" in out and "1 done, 1 pending" in out
+    assert main(["experiment", "report", str(path)]) == 0
+    assert "**not run**" in (tmp_path / "docs" / "results.md").read_text(encoding="utf-8")
+    assert main(["experiment", "run", str(tmp_path / "nope.yaml")]) == 1
+    assert "cannot read the spec" in capsys.readouterr().err
+
+
+def test_isolated_worker_failure_is_recorded_with_its_log(tmp_path, tiny_model_dir):
+    runs = [{"name": "broken", "config": {"loss_type": "dpo", "dataset": str(tmp_path / "absent.jsonl")}}]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    summary = run_sweep(spec, log=_quiet)  # isolate=True: the run trains in a fresh process
+    assert summary.failed == [("broken", 0)]
+    record = read_record(spec, "broken", 0)
+    assert "worker exited with code 1" in record["reason"] and "file not found" in record["reason"]
+    assert (spec.workdir / record["run_dir"] / "log.txt").is_file()
