@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 def conversation(user: str) -> list[dict]:
     """A one-turn conversational prompt."""
     return [{"role": "user", "content": user}]
+
+
+@pytest.fixture
+def data_file(tmp_path, pairwise_rows) -> str:
+    """The eight pairs of ``pairwise_rows`` written as a JSON-lines file."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in pairwise_rows))
+    return str(path)
 
 
 @pytest.fixture

@@ -16,13 +16,6 @@ from unialign.pipeline import build_models
 from unialign.trainer import UnialignTrainer
 
 
-@pytest.fixture
-def data_file(tmp_path, pairwise_rows):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in pairwise_rows))
-    return str(path)
-
-
 def _config(tiny_model_dir, data_file, tmp_path, **extra):
     values = dict(
         model_name_or_path=tiny_model_dir,

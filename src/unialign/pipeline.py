@@ -203,14 +203,31 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
     )
+
+    def precompute(resumed: bool) -> None:
+        if method.needs_reference and cfg.precompute_ref_log_probs:
+            reference_log_probs(trainer, cfg, method, output_dir, train_data, eval_data, resumed=resumed)
+
+    return run_training(trainer, cfg, method, train_data, output_dir, before_train=precompute)
+
+
+def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, output_dir: Path,
+                 before_train=None) -> TrainResult:
+    """The run-directory lifecycle shared by offline and online training.
+
+    Finds the checkpoint to resume from, writes ``config.json``, ``data_report.txt`` and a fresh or
+    trimmed ``metrics.jsonl`` (main process), calls ``before_train(resumed)`` when given, trains,
+    then saves the model, its card and the plots. ``train_data`` needs ``report``, ``source`` and
+    ``format`` (for the card).
+    """
     resume_from = resume_checkpoint(trainer, cfg, output_dir)
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(cfg.to_json_string(), encoding="utf-8")
         (output_dir / "data_report.txt").write_text(train_data.report.summary() + "\n", encoding="utf-8")
         prepare_metrics_file(output_dir / "metrics.jsonl", read_marker(resume_from)["step"] if resume_from else None)
-    if method.needs_reference and cfg.precompute_ref_log_probs:
-        reference_log_probs(trainer, cfg, method, output_dir, train_data, eval_data, resumed=resume_from is not None)
+    if before_train is not None:
+        before_train(resume_from is not None)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model_dir = save_final_model(trainer, cfg, output_dir / "model")
     metrics = final_metrics(trainer.state.log_history)

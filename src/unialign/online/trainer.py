@@ -287,17 +287,8 @@ def train_online(cfg, reward: RewardSource | None = None):
     Returns:
         A :class:`~unialign.pipeline.TrainResult`.
     """
-    from unialign.checkpoints import prepare_metrics_file, read_marker
     from unialign.models import load_tokenizer
-    from unialign.pipeline import (
-        MetricsFileCallback,
-        TrainResult,
-        build_models,
-        final_metrics,
-        resume_checkpoint,
-        save_final_model,
-        write_model_card,
-    )
+    from unialign.pipeline import MetricsFileCallback, build_models, run_training
 
     method = get_method(cfg.loss_type)
     if cfg.dataset is None:
@@ -328,18 +319,4 @@ def train_online(cfg, reward: RewardSource | None = None):
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
     )
-    resume_from = resume_checkpoint(trainer, cfg, output_dir)
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(cfg.to_json_string(), encoding="utf-8")
-        (output_dir / "data_report.txt").write_text(train_data.report.summary() + "\n", encoding="utf-8")
-        prepare_metrics_file(output_dir / "metrics.jsonl", read_marker(resume_from)["step"] if resume_from else None)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    model_dir = save_final_model(trainer, cfg, output_dir / "model")
-    metrics = final_metrics(trainer.state.log_history)
-    if trainer.is_world_process_zero():
-        write_model_card(model_dir, cfg, method, train_data, metrics)
-        from unialign.plots import plot_run
-
-        plot_run(output_dir)
-    return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
+    return run_training(trainer, cfg, method, train_data, output_dir)
