@@ -85,7 +85,7 @@ def run_demo(
         tokenizer,
         prompts,
         load_reward("offline"),
-        generation=GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=20, seed=1),
+        generation=GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=64, seed=1),
         beta=config["beta"],
         samples_per_prompt=samples_per_prompt,
     )
