@@ -48,9 +48,11 @@ class RewardModel(RewardSource):
     def encode(self, prompt: Prompt, completion: str) -> list[int]:
         """Token ids the reward model reads for one (prompt, completion), with its own tokenizer.
 
-        Exactly the layout unialign trains reward models on: the prompt through the reward model's
-        chat template with the generation prompt (a string prompt becomes one user message; without a
-        template, the last user message's text is used), then the completion and EOS. The score is
+        The layout unialign trains reward models on for conversational prompts: the prompt through the
+        reward model's chat template with the generation prompt, then the completion and EOS. A string
+        prompt becomes one user message (as third-party reward models expect; a unialign reward model
+        trained on raw string prompts saw no template); without a template, the last user message's
+        text is used. The score is
         read at that EOS, so a template's trailing newline after the end-of-turn token must not be
         appended here.
         """
