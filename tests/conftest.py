@@ -63,6 +63,25 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     return str(folder)
 
 
+def tiny_dpo_config(model_dir: str, dataset: str, output_dir, **extra) -> dict:
+    """Config keys for a short, quiet DPO run on the tiny model; ``extra`` overrides any of them."""
+    return {
+        "model_name_or_path": model_dir,
+        "dataset": dataset,
+        "loss_type": "dpo",
+        "output_dir": str(output_dir),
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "max_length": 64,
+        "max_prompt_length": 48,
+        "seed": 0,
+        **extra,
+    }
+
+
 def conversation(user: str) -> list[dict]:
     """A one-turn conversational prompt."""
     return [{"role": "user", "content": user}]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import unialign
 import unialign.pipeline
+from tests.conftest import tiny_dpo_config
 from unialign.checkpoints import MARKER
 from unialign.losses.base import LossOutput
 from unialign.losses.registry import get_method
@@ -17,23 +18,9 @@ from unialign.trainer import NonFiniteError, UnialignTrainer
 
 
 def _config(tiny_model_dir, data_file, output_dir, **extra):
-    values = dict(
-        model_name_or_path=tiny_model_dir,
-        dataset=data_file,
-        loss_type="dpo",
-        output_dir=str(output_dir),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        report_to="none",
-        disable_tqdm=True,
-        max_length=64,
-        max_prompt_length=48,
-        seed=0,
+    return tiny_dpo_config(
+        tiny_model_dir, data_file, output_dir, **{"max_steps": 3, "lr_scheduler_type": "constant", **extra}
     )
-    values.update(extra)
-    return values
 
 
 @pytest.fixture

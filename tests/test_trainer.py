@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import unialign
+from tests.conftest import tiny_dpo_config
 from unialign.config import load_config
 from unialign.data.collate import PreferenceCollator
 from unialign.data.tokenize import tokenize_rows
@@ -17,22 +18,7 @@ from unialign.trainer import UnialignTrainer
 
 
 def _config(tiny_model_dir, data_file, tmp_path, **extra):
-    values = dict(
-        model_name_or_path=tiny_model_dir,
-        dataset=data_file,
-        loss_type="dpo",
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        disable_tqdm=True,
-        max_length=64,
-        max_prompt_length=48,
-        seed=0,
-    )
-    values.update(extra)
-    return values
+    return tiny_dpo_config(tiny_model_dir, data_file, tmp_path / "run", **extra)
 
 
 def test_dpo_step0_loss_is_ln2_and_training_moves_weights(tiny_model_dir, data_file, tmp_path):
