@@ -343,3 +343,43 @@ def test_isolated_worker_failure_is_recorded_with_its_log(tmp_path, tiny_model_d
     record = read_record(spec, "broken", 0)
     assert "worker exited with code 1" in record["reason"] and "file not found" in record["reason"]
     assert (spec.workdir / record["run_dir"] / "log.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- peers
+def test_trl_rloo_peer_trains_saves_and_is_evaluated_like_a_run(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    prompts = str(tmp_path / "data" / "prompts.jsonl")
+    online = {"dataset": prompts, "reward": "callable:tests.test_experiment:length_reward", "beta": 0.1,
+              "num_generations": 2, "max_completion_length": 6, "temperature": 1.0}
+    runs = [{"name": "rloo", "config": {"loss_type": "trl_rloo", **online}}]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    assert validate_spec(spec) == []  # checked as una_online: the online keys are known
+    summary = run_sweep(spec, isolate=False, log=_quiet)
+    assert summary.done == [("rloo", 0)], read_record(spec, "rloo", 0)
+    record = read_record(spec, "rloo", 0)
+    folder = spec.workdir / record["run_dir"]
+    steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "reward" in s] == [1, 2]
+    assert record["effective"] == {"beta": 0.1, "learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 2}
+    assert record["eval"]["num_prompts"] == 3 and 0 <= record["eval"]["win_rate"] <= 1
+    trained = load_file(str(folder / "model" / "model.safetensors"))
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    changed = [k for k in base if k in trained and not torch.equal(base[k], trained[k])]
+    assert changed and not any("lora" in k for k in trained)  # merged LoRA, saved in the plain layout
+
+
+def test_peer_config_typos_fail_and_missing_packages_make_it_unavailable(tmp_path, tiny_model_dir, monkeypatch):
+    from unialign.experiment import peers
+
+    runs = [{"name": "rloo", "config": {"loss_type": "trl_rloo", "dataset": "x.jsonl", "num_generatoins": 2}}]
+    with pytest.raises(SpecError, match="unknown config key 'num_generatoins'"):
+        validate_spec(load_spec(tiny_spec(tmp_path, tiny_model_dir, runs)))
+    monkeypatch.setitem(peers.PEERS, "trl_rloo", peers.Peer("trl_rloo", "una_online", ("no_such_package_xyz",),
+                                                            peers.train_trl_rloo))
+    runs = [{"name": "rloo", "config": {"loss_type": "trl_rloo", "dataset": "x.jsonl"}}]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    summary = run_sweep(spec, isolate=False, log=_quiet)
+    assert summary.unavailable == [("rloo", 0)]
+    assert read_record(spec, "rloo", 0)["reason"] == "trl_rloo needs the package(s) no_such_package_xyz"

@@ -189,13 +189,20 @@ def _record(spec: Spec, name: str, seed: int, status: str, **extra: Any) -> dict
 
 def unavailable_reason(spec: Spec, name: str, seed: int) -> str | None:
     """Why run ``name`` cannot run now (its method is not registered, a dependency is not done), or None."""
+    from unialign.experiment.peers import get_peer
     from unialign.losses.registry import get_method
 
     loss_type = spec.runs[name].config["loss_type"]
-    try:
-        get_method(loss_type)
-    except ValueError:
-        return f"loss_type {loss_type!r} is not registered in this installation"
+    peer = get_peer(loss_type)
+    if peer is not None:
+        why = peer.unavailable_reason()
+        if why:
+            return why
+    else:
+        try:
+            get_method(loss_type)
+        except ValueError:
+            return f"loss_type {loss_type!r} is not registered in this installation"
     for dep in spec.runs[name].dependencies():
         record = read_record(spec, dep, seed)
         if record is None or record.get("status") != DONE:
@@ -272,14 +279,17 @@ def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_model(config: dict[str, Any]):
-    """Train one run with :func:`unialign.pipeline.train` (a seam the tests replace)."""
+    """Train one run with :func:`unialign.pipeline.train`, or with its peer library (a seam the tests replace)."""
+    from unialign.experiment.peers import get_peer
     from unialign.pipeline import train
 
-    return train(config)
+    peer = get_peer(config["loss_type"])
+    return peer.train(config) if peer is not None else train(config)
 
 
 def execute_job(job: dict[str, Any]) -> dict[str, Any]:
     """Rescore (when asked), train, measure and evaluate one run; returns the outcome fields of its record."""
+    from unialign.experiment.peers import get_peer
     from unialign.losses.registry import get_method
 
     config = dict(job["config"])
@@ -301,8 +311,9 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
     result.trainer = None
     del result
     gc.collect()
-    method = get_method(config["loss_type"])
-    if method.model_kind == "sequence_classifier" and job.get("eval"):
+    peer = get_peer(config["loss_type"])
+    model_kind = peer.model_kind if peer is not None else get_method(config["loss_type"]).model_kind
+    if model_kind == "sequence_classifier" and job.get("eval"):
         outcome["rm_eval"] = reward_model_accuracy(model_dir, job["eval"])
     elif job.get("eval"):
         beta = float(outcome["effective"].get("beta") or config.get("beta") or 0.1)

@@ -334,9 +334,11 @@ def validate_spec(spec: Spec) -> list[str]:
 
     Placeholders are replaced by stand-in paths. An entry whose ``loss_type`` is not registered (yet)
     is checked with a registered method in its place, so its other keys are still validated; the
-    returned notes name those entries. Any other problem raises :class:`SpecError`.
+    returned notes name those entries. A peer (:mod:`unialign.experiment.peers`) is checked as the
+    unialign method it shares its keys with. Any other problem raises :class:`SpecError`.
     """
     from unialign.config import load_config
+    from unialign.experiment.peers import get_peer
     from unialign.losses.registry import get_method
 
     notes = []
@@ -347,6 +349,9 @@ def validate_spec(spec: Spec) -> list[str]:
                 config[key] = str(spec.workdir / "placeholder")
         if entry.rescore:
             config["dataset"] = "scored.jsonl"
+        peer = get_peer(config["loss_type"])
+        if peer is not None:
+            config["loss_type"] = peer.validate_as
         try:
             get_method(config["loss_type"])
         except ValueError:
