@@ -135,7 +135,15 @@ class UnialignConfig(TrainingArguments):
     ratio_base: str = field(
         default="reference", metadata={"help": "reference (SPEC) or rollout (the authors' code): the ratio's base"}
     )
-    generation_backend: str = "transformers"
+    generation_backend: str = field(
+        default="transformers", metadata={"help": "transformers | vllm (a colocated engine; needs vllm and a GPU)"}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "share of GPU memory the vLLM engine may take; training keeps the rest"}
+    )
+    vllm_max_model_len: int | None = field(
+        default=None, metadata={"help": "longest prompt + completion the engine holds (default: max_length)"}
+    )
     # --- TrainingArguments defaults that suit preference training
     learning_rate: float | None = None  # type: ignore[assignment]
     logging_steps: float = 1

@@ -136,7 +136,3 @@ def check_backend(name: str) -> None:
             "generation_backend: vllm cannot run here: " + "; ".join(missing)
             + ". Use generation_backend: transformers."
         )
-    raise NotImplementedError(
-        "generation_backend: vllm is not implemented yet (it needs weight syncing from the trained policy into "
-        "the vLLM engine after every optimizer step); use generation_backend: transformers"
-    )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from unialign.generation import GenerationConfig, check_backend, completion_ids, generate_from_ids
+from unialign.generation import Generation, GenerationConfig, check_backend, completion_ids, generate_from_ids
 from unialign.losses.base import masked_mean
 from unialign.losses.registry import get_method
 from unialign.losses.una_online import (
@@ -76,6 +76,7 @@ class OnlineUnaTrainer(UnialignTrainer):
             repetition_penalty=1.0,
         )
         self._rollouts: dict[tuple[int, ...], Rollout] = {}
+        self._vllm = None  # the colocated engine, started on the first rollout with generation_backend: vllm
         self._first_pass = True
         self._timers: dict[str, float] = defaultdict(float)
         self.add_callback(_OnlineCallback(self))
@@ -111,6 +112,27 @@ class OnlineUnaTrainer(UnialignTrainer):
             del self._rollouts[key]
         return loss
 
+    def _sample(self, model, prompt_ids: list[list[int]]) -> list[list[Generation]]:
+        """Sample ``num_generations`` completions per prompt from the current policy with the configured backend."""
+        policy = self.accelerator.unwrap_model(model)
+        if self.args.generation_backend != "vllm":
+            return generate_from_ids(policy, self.processing_class, prompt_ids, self.sampling)
+        if self._vllm is None:
+            self._vllm = self._start_vllm()
+        self._vllm.sync_weights(policy, self.state.global_step)
+        return self._vllm.generate(prompt_ids, self.sampling, self.processing_class)
+
+    def _start_vllm(self):
+        from unialign.models import resolve_model_path
+        from unialign.online.vllm_backend import VLLMGenerator, check_vllm_setup
+
+        cfg = self.args
+        stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        check_vllm_setup(cfg.world_size, stage, self.is_fsdp_enabled)
+        return VLLMGenerator(resolve_model_path(cfg.model_name_or_path),
+                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                             max_model_len=cfg.vllm_max_model_len or cfg.max_length, seed=cfg.seed)
+
     @torch.no_grad()
     def make_rollout(self, model, indices: list[int]) -> Rollout:
         """Sample, score and prepare the completions of the prompts ``indices`` (SPEC §4)."""
@@ -121,8 +143,7 @@ class OnlineUnaTrainer(UnialignTrainer):
         k = cfg.num_generations
 
         start = time.perf_counter()
-        policy = self.accelerator.unwrap_model(model)
-        groups = generate_from_ids(policy, tokenizer, [r.prompt_ids for r in records], self.sampling)
+        groups = self._sample(model, [r.prompt_ids for r in records])
         self._timers["generation"] += time.perf_counter() - start
 
         start = time.perf_counter()
