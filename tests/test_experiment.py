@@ -201,6 +201,7 @@ def test_sweep_caches_resumes_and_handles_dependencies(tmp_path, tiny_model_dir,
     assert 0 <= record["eval"]["win_rate"] <= 1 and record["eval"]["num_prompts"] == 3
     assert record["eval"]["mean_reward"] >= 0 and record["eval"]["pair_accuracy"] is not None
     assert record["train"]["seconds"] > 0 and record["train"]["peak_rss_mb"] > 0
+    assert 0 < record["train"]["cpu_seconds"] < 20 * record["train"]["seconds"]  # CPU time of a few threads
     assert [step for step, _ in record["train"]["curves"]["rewards/chosen"]] == [1.0, 2.0]
     assert record["effective"]["beta"] == 0.1
     assert record["eval"]["reference_mean_reward"] == read_record(spec, "sft", 0)["eval"]["reference_mean_reward"]

@@ -38,6 +38,7 @@ METRICS: dict[str, str] = {
     "eos_rate": "EOS rate",
     "pair_accuracy": "implicit-reward accuracy on held-out pairs",
     "train_seconds": "training time (s)",
+    "train_cpu_seconds": "training CPU time (s)",
     "peak_rss_mb": "peak memory, RSS (MiB)",
     "chosen_change": "change of the chosen implicit reward (last − first quarter of steps)",
     "implicit_mean": "mean implicit reward, last quarter of steps",
@@ -116,6 +117,8 @@ def record_metric(record: dict[str, Any], metric: str) -> float:
         value = ev.get(metric)
     elif metric == "train_seconds":
         value = train.get("seconds")
+    elif metric == "train_cpu_seconds":
+        value = train.get("cpu_seconds")
     elif metric == "peak_rss_mb":
         value = train.get("peak_rss_mb")
     elif metric == "chosen_change":
@@ -336,10 +339,10 @@ def claim_runs(claim: dict[str, Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- page
-DIGITS = {"train_seconds": 0, "peak_rss_mb": 0, "mean_length": 1}
+DIGITS = {"train_seconds": 0, "train_cpu_seconds": 0, "peak_rss_mb": 0, "mean_length": 1}
 TREND_SUBJECTS = {"chosen_change": "the chosen completion's implicit reward"}
 TABLE_METRICS = ("reward", "win_rate", "kl", "mean_length", "eos_rate", "pair_accuracy", "train_seconds",
-                 "peak_rss_mb")
+                 "train_cpu_seconds", "peak_rss_mb")
 
 
 def run_table(results: Results, names: list[str]) -> list[str]:

@@ -297,11 +297,13 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("rescore"):
         outcome["rescore"] = rescore_listwise(job["rescore"])
         config["dataset"] = job["rescore"]["out"]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), process_cpu_seconds()
     result = train_model(config)
     seconds = time.perf_counter() - started
     outcome["train"] = {
         "seconds": seconds,
+        # CPU time of all this process's threads: unlike wall time it barely moves when other work shares the machine
+        "cpu_seconds": process_cpu_seconds() - cpu_started,
         "peak_rss_mb": peak_rss_mb(),
         "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         "curves": read_curves(Path(job["run_dir"]) / "metrics.jsonl"),
@@ -333,6 +335,14 @@ def effective_settings(config_json: Path) -> dict[str, Any]:
         return {}
     values = json.loads(config_json.read_text(encoding="utf-8"))
     return {k: values[k] for k in EFFECTIVE_KEYS if k in values}
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads), in seconds."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb() -> float:
