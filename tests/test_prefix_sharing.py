@@ -147,3 +147,35 @@ def test_unsupported_attention_falls_back_to_plain(model, tmp_path):
 
 def test_prefix_sharing_is_on_by_default():
     assert UnialignConfig(output_dir="x", report_to=[]).prefix_sharing is True
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["plain", "packed"])
+def test_kl_sequences_are_scored_without_gradient_and_equal_the_joint_pass(model, tmp_path, prefix_sharing):
+    batch = PreferenceCollator(0, 2, with_kl_pairs=True, prefix_sharing=prefix_sharing)(_examples(2, with_kl=True))
+    trainer = _trainer(model, tmp_path, loss_type="kto", prefix_sharing=prefix_sharing)
+    with torch.no_grad():  # no gradient: one joint forward over scored and KL sequences, as the reference does
+        joint = trainer._logps(model, dict(batch))
+    split = trainer._logps(model, dict(batch))  # training: the KL sequences go through a separate no-grad pass
+    assert split["seq"].requires_grad and not split["kl"].requires_grad
+    kl_rows = batch["kl_seq"].tolist()
+    assert split["seq"].shape == (kl_rows[0],) and split["kl"].shape == (len(kl_rows),) == (len(_examples(2)),)
+    for key in ("seq", "len"):  # the joint pass also scores the KL sequences, after the scored ones
+        torch.testing.assert_close(split[key].detach(), joint[key][: kl_rows[0]], atol=1e-5, rtol=1e-5, msg=key)
+    torch.testing.assert_close(split["kl"], joint["kl"], atol=1e-5, rtol=1e-5)
+
+
+def test_split_kl_rows_trims_each_half_and_refuses_interleaved_rows():
+    from unialign.data.collate import split_kl_rows
+
+    examples = [TokenizedExample([1, 2], [[3, 4, 5, 6, 7]], 0), TokenizedExample([1, 9], [[3]], 1)]
+    examples[0].kl_completion_ids, examples[1].kl_completion_ids = [8], [8, 8]
+    batch = PreferenceCollator(0, 1, with_kl_pairs=True)(examples)
+    assert batch["input_ids"].shape == (4, 7)
+    main, kl = split_kl_rows(batch)
+    assert main["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7], [1, 9, 3, 0, 0, 0, 0]]
+    assert kl["input_ids"].tolist() == [[1, 2, 8, 0], [1, 9, 8, 8]]
+    assert kl["target_mask"].tolist() == [[False, False, True, False], [False, False, True, True]]
+    assert kl["slot_seq"].tolist() == [[0], [1]] and "kl_seq" not in main
+    batch["kl_seq"] = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="must be the last rows"):
+        split_kl_rows(batch)

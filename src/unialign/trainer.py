@@ -22,7 +22,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
-from unialign.data.collate import pack_shared_prefix
+from unialign.data.collate import pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
@@ -227,6 +227,8 @@ class UnialignTrainer(Trainer):
         raise ValueError(f"{self.method.name} needs per-completion {want} but the batch has none")
 
     def _logps(self, model, batch: dict) -> dict[str, Tensor]:
+        if "kl_seq" in batch and torch.is_grad_enabled():
+            return self._logps_detached_kl(model, batch)
         if self._shares_prefix(model):
             return self._packed_logps(model, batch)
         mask = batch["target_mask"]
@@ -245,6 +247,18 @@ class UnialignTrainer(Trainer):
             out["prompt"] = (values * batch["prompt_target_mask"]).sum(-1)[batch["prompt_seq"]]
         if "kl_seq" in batch:
             out["kl"] = seq[batch["kl_seq"]]
+        return out
+
+    def _logps_detached_kl(self, model, batch: dict) -> dict[str, Tensor]:
+        """``_logps`` with KTO's KL sequences scored in a separate no-grad pass.
+
+        They reach the loss only through the detached estimate z_ref, so keeping their activations
+        for backward would cost memory and give no gradient.
+        """
+        main, kl_batch = split_kl_rows(batch)
+        out = self._logps(model, main)
+        with torch.no_grad():
+            out["kl"] = self._logps(model, kl_batch)["seq"]
         return out
 
     def _shares_prefix(self, model) -> bool:

@@ -114,6 +114,29 @@ def row_groups(batch: dict[str, Any]) -> list[list[int]]:
     return groups
 
 
+def split_kl_rows(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a batch with KTO's mismatched KL sequences into the scored sequences and the KL sequences.
+
+    Both halves are plain batches trimmed to their own longest sequence; the first keeps every key
+    but ``kl_seq`` and ``packed`` (it is packed again when needed), the second has one slot per row.
+    """
+    kl_seq = batch["kl_seq"]
+    first = int(kl_seq[0])
+    if kl_seq.tolist() != list(range(first, batch["input_ids"].shape[0])):
+        raise ValueError("KL sequences must be the last rows of the batch, as PreferenceCollator puts them")
+    main = {k: v for k, v in batch.items() if k not in ("kl_seq", "packed")}
+    rows = {"input_ids", "attention_mask", "target_mask", "prompt_target_mask"}
+    main.update(_trimmed({k: batch[k][:first] for k in rows if k in batch}))
+    kl = _trimmed({k: batch[k][first:] for k in ("input_ids", "attention_mask", "target_mask")})
+    kl["slot_seq"] = torch.arange(len(kl_seq), device=kl_seq.device)[:, None]
+    return main, kl
+
+
+def _trimmed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    width = int(tensors["attention_mask"].sum(-1).max())
+    return {k: v[:, :width] for k, v in tensors.items()}
+
+
 def pack_shared_prefix(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """The prefix-shared layout of a plain batch: one row ``prompt + completion_1 + … + completion_K`` per example.
 
