@@ -179,3 +179,15 @@ def test_split_kl_rows_trims_each_half_and_refuses_interleaved_rows():
     batch["kl_seq"] = torch.tensor([0, 3])
     with pytest.raises(ValueError, match="must be the last rows"):
         split_kl_rows(batch)
+
+
+def test_rows_with_one_sequence_are_not_packed(model, tmp_path, monkeypatch):
+    trainer = _trainer(model, tmp_path, prefix_sharing=True)
+    packed_calls = []
+    real = trainer._packed_logps
+    monkeypatch.setattr(trainer, "_packed_logps", lambda m, b: packed_calls.append(1) or real(m, b))
+    with torch.no_grad():
+        trainer._logps(model, PreferenceCollator(0, 1)(_examples(1)))  # one completion per row: nothing to share
+        assert packed_calls == []
+        trainer._logps(model, PreferenceCollator(0, 2)(_examples(2)))
+        assert packed_calls == [1]

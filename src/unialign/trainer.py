@@ -38,6 +38,11 @@ class NonFiniteError(FloatingPointError, ValueError):
     """Training stopped on a non-finite loss or gradient norm (``on_nonfinite: stop``); the message says where."""
 
 
+def _has_shared_prompts(batch: dict) -> bool:
+    """Whether some row of the batch has two or more sequences with one prompt (else packing saves nothing)."""
+    return "kl_seq" in batch or bool(((batch["slot_seq"] >= 0).sum(-1) > 1).any())
+
+
 class UnialignTrainer(Trainer):
     """``transformers.Trainer`` driven by a registered method.
 
@@ -229,7 +234,7 @@ class UnialignTrainer(Trainer):
     def _logps(self, model, batch: dict) -> dict[str, Tensor]:
         if "kl_seq" in batch and torch.is_grad_enabled():
             return self._logps_detached_kl(model, batch)
-        if self._shares_prefix(model):
+        if self._shares_prefix(model) and _has_shared_prompts(batch):
             return self._packed_logps(model, batch)
         mask = batch["target_mask"]
         scored = mask | batch["prompt_target_mask"] if "prompt_target_mask" in batch else mask
