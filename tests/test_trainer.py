@@ -108,3 +108,21 @@ def test_save_and_reload_give_the_same_logps(tiny_model_dir, data_file, tmp_path
         reloaded = trainer._logps(reloaded_model, batch)["seq"]
     torch.testing.assert_close(reloaded, live, atol=1e-5, rtol=1e-5)
     assert (result.model_dir / ("model.safetensors" if merged else "adapter_model.safetensors")).exists()
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "reward_model"])
+def test_fresh_adapters_depend_only_on_the_seed(tiny_model_dir, data_file, tmp_path, loss_type):
+    def trainable(seed, noise):
+        torch.rand(noise)  # whatever ran before in the process must not matter
+        cfg = load_config(None, tiny_dpo_config(tiny_model_dir, data_file, tmp_path, loss_type=loss_type,
+                                                use_peft=True, lora_r=4, seed=seed))
+        policy, _ = build_models(cfg, get_method(loss_type))
+        return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    first, again, other = trainable(3, 10), trainable(3, 999), trainable(4, 10)
+    assert first.keys() == again.keys() == other.keys()
+    randomized = [n for n in first if "lora_A" in n or "score" in n]
+    assert randomized
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    assert any(not torch.equal(first[n], other[n]) for n in randomized)

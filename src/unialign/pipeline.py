@@ -124,7 +124,14 @@ def check_shared_first_token(examples: list[TokenizedExample], source: str, toke
 
 
 def build_models(cfg: UnialignConfig, method: Method):
-    """Policy (with LoRA when asked) and, when needed and not provided by adapters, a frozen reference."""
+    """Policy (with LoRA when asked) and, when needed and not provided by adapters, a frozen reference.
+
+    Seeds every RNG with ``cfg.seed`` first: fresh LoRA adapters and a reward model's new score head
+    are random, and without this their values would depend on whatever ran before in the process.
+    """
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     kind = method.model_kind
     policy = load_model(
         cfg.model_name_or_path,

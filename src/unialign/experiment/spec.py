@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 # Bump when the meaning of a cached result changes (what is measured or how), to invalidate old results.
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 2: adapters initialized from the run's seed (they depended on the process before)
 
 PLACEHOLDER = re.compile(r"^\{(model|data):([A-Za-z0-9_.\-]+)\}$")
 
