@@ -51,21 +51,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_una(args, work: Path) -> dict:
-    """Online UNA through ``unialign.train``; seconds per step from Trainer's ``train_runtime``."""
-    import unialign
-    from unialign.rewards.offline_judge import OfflineJudge
+# TRL's default KL coefficient for RLOO, kept for the peer as in the first measurements.
+RLOO_BETA = 0.05
 
+
+def shared_settings(args, work: Path) -> dict:
+    """The config keys both sides train with: model, prompts (in file order), reward, batch, sampling, steps."""
     data = work / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p}) for p in _prompts("train", None)) + "\n", encoding="utf-8")
-    reward = OfflineJudge()
-    result = unialign.train(dict(
+    return dict(
         model_name_or_path=args.model,
         dataset=str(data),
-        loss_type="una_online",
         reward="offline",
-        reward_normalization="range",
-        beta=args.una_beta,
         learning_rate=args.lr,
         per_device_train_batch_size=args.prompts_per_step,
         num_generations=args.num_generations,
@@ -74,19 +71,27 @@ def run_una(args, work: Path) -> dict:
         max_steps=args.steps,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        train_sampling_strategy="sequential",  # the prompts in file order, as RLOO with shuffle_dataset=False
+        train_sampling_strategy="sequential",  # the prompts in file order on both sides
         report_to="none",
         disable_tqdm=True,
         save_strategy="no",
-        output_dir=str(work / "una"),
         seed=args.seed,
-    ))
+    )
+
+
+def run_una(args, work: Path) -> dict:
+    """Online UNA through ``unialign.train``; seconds per step from Trainer's ``train_runtime``."""
+    import unialign
+    from unialign.rewards.offline_judge import OfflineJudge
+
+    result = unialign.train(dict(shared_settings(args, work), loss_type="una_online", reward_normalization="range",
+                                 beta=args.una_beta, output_dir=str(work / "una")))
     runtime = result.metrics["train_runtime"]
     logs = [json.loads(x) for x in (work / "una" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in logs if "loss" in x]
     trainer = result.trainer  # the trained policy in memory, as for RLOO (no second copy loaded)
     heldout = held_out_reward(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
-                              _prompts("test", args.heldout), reward, args.max_new_tokens)
+                              _prompts("test", args.heldout), OfflineJudge(), args.max_new_tokens)
     timing = {k: sum(x[k] for x in steps) / len(steps) for k in ("time/generation", "time/scoring", "time/update")}
     return {
         "seconds_per_step": runtime / args.steps,
@@ -98,51 +103,18 @@ def run_una(args, work: Path) -> dict:
 
 
 def run_rloo(args, work: Path) -> dict:
-    """TRL's RLOOTrainer with the same model object, reward, prompts and batch."""
-    from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
-
-    from unialign.models import load_model, load_tokenizer
+    """TRL's RLOOTrainer as the claims sweep runs it (:mod:`unialign.experiment.peers`), on the same settings."""
+    from unialign.experiment.peers import train_trl_rloo
     from unialign.rewards.offline_judge import OfflineJudge
 
-    judge = OfflineJudge()
-
-    def offline_judge(prompts, completions, **kwargs):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return judge(prompts, texts)
-
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
-    config = RLOOConfig(
-        output_dir=str(work / "rloo"),
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens,
-        temperature=args.temperature,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_steps=args.steps,
-        shuffle_dataset=False,
-        bf16=False,  # both sides train in float32, as unialign does by default
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=args.seed,
-    )
-    trainer = RLOOTrainer(
-        model=model,
-        reward_funcs=offline_judge,
-        args=config,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in _prompts("train", None)]),
-        processing_class=tokenizer,
-    )
-    output = trainer.train()
+    result = train_trl_rloo(dict(shared_settings(args, work), loss_type="trl_rloo", beta=RLOO_BETA,
+                                 output_dir=str(work / "rloo")))
+    trainer = result.trainer  # the trained policy in memory, as for online UNA
     steps = [x for x in trainer.state.log_history if "reward" in x]
-    heldout = held_out_reward(trainer.model, tokenizer, _prompts("test", args.heldout), judge, args.max_new_tokens)
+    heldout = held_out_reward(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                              _prompts("test", args.heldout), OfflineJudge(), args.max_new_tokens)
     return {
-        "seconds_per_step": output.metrics["train_runtime"] / args.steps,
+        "seconds_per_step": result.metrics["train_runtime"] / args.steps,
         "train_reward_first": steps[0]["reward"] if steps else None,
         "train_reward_last": steps[-1]["reward"] if steps else None,
         "heldout_reward": heldout,

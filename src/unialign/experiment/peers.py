@@ -23,7 +23,10 @@ from typing import Any
 
 @dataclass
 class PeerResult:
-    """What a peer's training leaves: the fields of :class:`unialign.pipeline.TrainResult` the runner reads."""
+    """What a peer's training leaves, shaped like :class:`unialign.pipeline.TrainResult`.
+
+    ``trainer`` holds the trained policy in memory; ``model_dir`` has it merged and saved.
+    """
 
     metrics: dict[str, Any]
     model_dir: Path
@@ -91,6 +94,7 @@ def train_trl_rloo(config: dict[str, Any]) -> PeerResult:
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps,
         max_steps=cfg.max_steps,
+        shuffle_dataset=cfg.train_sampling_strategy != "sequential",
         seed=cfg.seed,
         bf16=False,  # float32 on both sides, as unialign trains by default on CPU
         logging_steps=1,
@@ -122,7 +126,7 @@ def train_trl_rloo(config: dict[str, Any]) -> PeerResult:
     model_dir = output_dir / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    return PeerResult(metrics=dict(output.metrics), model_dir=model_dir)
+    return PeerResult(metrics=dict(output.metrics), model_dir=model_dir, trainer=trainer)
 
 
 PEERS: dict[str, Peer] = {
