@@ -18,11 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from unialign.generation import Generation, GenerationConfig
-
-
-def is_peft_model(model) -> bool:
-    """Whether ``model`` is a PEFT wrapper (it has adapters to merge before its weights are exported)."""
-    return hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+from unialign.trainer import unwrap_peft
 
 
 def _plain_name(name: str) -> str | None:
@@ -41,19 +37,20 @@ def merged_weights(model) -> Iterator[list[tuple[str, torch.Tensor]]]:
     after it, so training continues on the unmerged adapter. The tensors alias the live weights:
     copy them out (vLLM's ``load_weights`` does) before leaving the block.
     """
-    if not is_peft_model(model):
+    peft = unwrap_peft(model)
+    if peft is None:
         yield [(name, param.data) for name, param in model.named_parameters()]
         return
-    model.merge_adapter()
+    peft.merge_adapter()
     try:
         pairs = []
-        for name, param in model.named_parameters():
+        for name, param in peft.named_parameters():
             plain = _plain_name(name)
             if plain is not None:
                 pairs.append((plain, param.data))
         yield pairs
     finally:
-        model.unmerge_adapter()
+        peft.unmerge_adapter()
 
 
 def check_vllm_setup(world_size: int, deepspeed_stage: int | None, fsdp: bool) -> None:
