@@ -191,3 +191,5 @@ def test_rows_with_one_sequence_are_not_packed(model, tmp_path, monkeypatch):
         assert packed_calls == []
         trainer._logps(model, PreferenceCollator(0, 2)(_examples(2)))
         assert packed_calls == [1]
+    assert "packed" not in PreferenceCollator(0, 1, prefix_sharing=True)(_examples(1))  # nor packed by the collator
+    assert "packed" in PreferenceCollator(0, 2, prefix_sharing=True)(_examples(2))

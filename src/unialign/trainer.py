@@ -22,7 +22,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
-from unialign.data.collate import pack_shared_prefix, split_kl_rows
+from unialign.data.collate import has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
@@ -36,11 +36,6 @@ PACKED_ATTENTION = ("sdpa", "eager")
 
 class NonFiniteError(FloatingPointError, ValueError):
     """Training stopped on a non-finite loss or gradient norm (``on_nonfinite: stop``); the message says where."""
-
-
-def _has_shared_prompts(batch: dict) -> bool:
-    """Whether some row of the batch has two or more sequences with one prompt (else packing saves nothing)."""
-    return "kl_seq" in batch or bool(((batch["slot_seq"] >= 0).sum(-1) > 1).any())
 
 
 class UnialignTrainer(Trainer):
@@ -234,7 +229,7 @@ class UnialignTrainer(Trainer):
     def _logps(self, model, batch: dict) -> dict[str, Tensor]:
         if "kl_seq" in batch and torch.is_grad_enabled():
             return self._logps_detached_kl(model, batch)
-        if self._shares_prefix(model) and _has_shared_prompts(batch):
+        if self._shares_prefix(model) and has_shared_prompts(batch):
             return self._packed_logps(model, batch)
         mask = batch["target_mask"]
         scored = mask | batch["prompt_target_mask"] if "prompt_target_mask" in batch else mask

@@ -32,7 +32,8 @@ class PreferenceCollator:
         with_prompt_logps: also mark prompt tokens after the first one (RAO).
         with_kl_pairs: append one mismatched (prompt, other completion) sequence per row (KTO).
         prefix_sharing: also add ``batch["packed"]``, the prefix-shared layout of the same sequences
-            (see :func:`pack_shared_prefix`); the trainer uses it when ``prefix_sharing`` is on.
+            (see :func:`pack_shared_prefix`), when some row has two or more of them; the trainer uses it
+            when ``prefix_sharing`` is on.
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class PreferenceCollator:
             values = [getattr(e, name) for e in examples]
             if all(v is not None for v in values):
                 batch[name] = torch.tensor(values, dtype=torch.float32)
-        if self.prefix_sharing:
+        if self.prefix_sharing and has_shared_prompts(batch):
             batch["packed"] = pack_shared_prefix(batch, self.pad_token_id)
         return batch
 
@@ -112,6 +113,11 @@ def row_groups(batch: dict[str, Any]) -> list[list[int]]:
         for group, seq in zip(groups, batch["kl_seq"].tolist()):
             group.append(seq)
     return groups
+
+
+def has_shared_prompts(batch: dict[str, Any]) -> bool:
+    """Whether some row of the batch has two or more sequences with one prompt (else packing saves nothing)."""
+    return "kl_seq" in batch or bool(((batch["slot_seq"] >= 0).sum(-1) > 1).any())
 
 
 def split_kl_rows(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
