@@ -384,3 +384,13 @@ def test_peer_config_typos_fail_and_missing_packages_make_it_unavailable(tmp_pat
     summary = run_sweep(spec, isolate=False, log=_quiet)
     assert summary.unavailable == [("rloo", 0)]
     assert read_record(spec, "rloo", 0)["reason"] == "trl_rloo needs the package(s) no_such_package_xyz"
+
+
+def test_trl_rloo_peer_reads_prompts_like_online_una(tmp_path, tiny_model_dir):
+    from unialign.data.errors import DataError
+    from unialign.experiment.peers import train_trl_rloo
+
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": conversation("Hi.")}, {"text": "no prompt here"}])
+    with pytest.raises(DataError, match="bad.jsonl, row 2, field 'prompt': missing"):
+        train_trl_rloo({"model_name_or_path": tiny_model_dir, "loss_type": "trl_rloo", "dataset": bad,
+                        "reward": "callable:tests.test_experiment:length_reward", "output_dir": str(tmp_path / "run")})

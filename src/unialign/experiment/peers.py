@@ -55,17 +55,16 @@ def train_trl_rloo(config: dict[str, Any]) -> PeerResult:
     from trl import RLOOConfig, RLOOTrainer
 
     from unialign.config import load_config
-    from unialign.data.io import read_rows
+    from unialign.losses.registry import get_method
     from unialign.models import load_model, load_tokenizer
+    from unialign.online.rollout import prepare_prompts
     from unialign.rewards.sources import load_reward
 
     cfg = load_config(None, {**config, "loss_type": PEERS["trl_rloo"].validate_as})
     output_dir = Path(cfg.output_dir)
-    rows = read_rows(str(cfg.dataset), split="train")
-    missing = [i for i, row in enumerate(rows) if not row.get("prompt")]
-    if missing:
-        raise ValueError(f"{cfg.dataset}: row {missing[0]}: field 'prompt' is missing or empty "
-                         f"({len(missing)} rows in all)")
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    # The prompts online UNA would train on: the same validation, and the same overlong prompts dropped.
+    records = prepare_prompts(str(cfg.dataset), cfg, get_method(cfg.loss_type), tokenizer).records
     reward = load_reward(cfg.reward)
 
     def reward_func(prompts, completions, **_unused):
@@ -102,12 +101,11 @@ def train_trl_rloo(config: dict[str, Any]) -> PeerResult:
         disable_tqdm=True,
         save_strategy="no",
     )
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
     trainer = RLOOTrainer(
         model=load_model(cfg.model_name_or_path),
         reward_funcs=reward_func,
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": row["prompt"]} for row in rows]),
+        train_dataset=Dataset.from_list([{"prompt": record.prompt} for record in records]),
         processing_class=tokenizer,
         peft_config=peft_config,
     )
