@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from unialign.bench import BenchConfig, format_table, run_bench, summarize
+from unialign.bench import (
+    BenchConfig,
+    fed_tokens,
+    format_profile,
+    format_table,
+    op_category,
+    run_bench,
+    summarize,
+)
 from unialign.cli import build_parser
 
 pytest.importorskip("trl")
@@ -25,7 +34,7 @@ def report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cfg = BenchConfig(
         model=tiny_model_dir, methods=["simpo"], libraries=["trl", "unialign", "unialign-prefix"], batch_size=2,
-        max_length=48, steps=1, warmup=1, threads=1, isolate=False, output_dir=str(out),
+        max_length=48, steps=1, warmup=1, memory_steps=1, threads=1, isolate=False, output_dir=str(out),
     )
     return run_bench(cfg)
 
@@ -39,7 +48,8 @@ def test_harness_writes_json_with_every_field(report):
     for row in rows.values():
         assert "error" not in row, row.get("error")
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
-        assert len(row["losses"]) == 2 and row["s_per_step"] > 0 and 0 < row["mfu"]
+        assert len(row["losses"]) == 3 and row["s_per_step"] > 0 and 0 < row["mfu"]  # warm-up, timed, memory
+        assert row["step_mem_measure"] == "malloc in use" and row["peak_step_mem_mb"] > 0
     # same token ids and batches: the useful work is identical, prefix sharing feeds fewer tokens
     assert rows["trl"]["useful_tokens_per_step"] == rows["unialign"]["useful_tokens_per_step"]
     assert rows["unialign-prefix"]["fed_tokens_per_step"] < rows["unialign"]["fed_tokens_per_step"]
@@ -87,3 +97,44 @@ def test_cli_has_a_bench_subcommand():
     assert args.methods == "dpo,tpo" and args.steps == 3 and args.in_process
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--help"])
+
+
+def test_profile_breaks_a_step_down_by_phase_and_op(tiny_model_dir, tmp_path):
+    cfg = BenchConfig(model=tiny_model_dir, methods=["dpo"], libraries=["unialign-prefix"], batch_size=2,
+                      max_length=48, steps=1, warmup=1, threads=1, isolate=False, output_dir="", profile=True)
+    row = run_bench(cfg)["rows"][0]
+    assert set(row["phase_shares"]) == {"collate", "forward + backward", "optimizer"}
+    assert sum(row["phase_shares"].values()) == pytest.approx(1.0, abs=1e-6)
+    profile = row["profile"]
+    assert sum(profile["categories"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert profile["categories"]["matmul"] > 0 and profile["self_seconds"] > 0
+    assert sum(o["seconds"] for o in profile["top_ops"]) <= profile["self_seconds"] + 1e-9
+    text = format_profile([row])
+    assert text.startswith("dpo / unialign-prefix: collate ") and "by op category (self time): " in text
+
+
+@pytest.mark.parametrize(("op", "category"), [
+    ("aten::mm", "matmul"), ("aten::addmm_", "matmul"), ("aten::add_", "elementwise"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::_foreach_mul_", "optimizer"),
+    ("aten::_softmax", "softmax / log-softmax"), ("ChunkedTokenLogpsBackward", "other"),
+])
+def test_ops_fall_into_the_right_category(op, category):
+    assert op_category(op) == category
+
+
+def test_trl_runs_get_the_cpu_allocator_setting_only_when_asked():
+    assert not BenchConfig().trl_keep_freed_memory
+    args = build_parser().parse_args(["bench", "--trl-keep-freed-memory", "--profile"])
+    assert args.trl_keep_freed_memory and args.profile
+
+
+def test_fed_tokens_follow_the_layout_each_pass_uses():
+    pair = SimpleNamespace(prompt_ids=[1] * 10, completion_ids=[[2] * 5, [3] * 7], kl_completion_ids=None)
+    plain_pair = 10 + 5 + 10 + 7
+    assert fed_tokens([pair], plain_pair, "trl") == (32, 32)
+    assert fed_tokens([pair], plain_pair, "unialign") == (32, 32)
+    assert fed_tokens([pair], plain_pair, "unialign-prefix") == (22, 22)  # the prompt once
+    binary = SimpleNamespace(prompt_ids=[1] * 10, completion_ids=[[2] * 5], kl_completion_ids=[4] * 6)
+    plain_binary = 10 + 5 + 10 + 6  # the KL sequence is a plain row of its own
+    # training scores the KL sequence in a separate no-grad pass; only the reference packs it with the prompt
+    assert fed_tokens([binary], plain_binary, "unialign-prefix") == (31, 21)

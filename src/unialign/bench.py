@@ -10,11 +10,17 @@ Reported per row: the loss at step 0 (unialign and TRL must agree to ``tolerance
 losses disagree gets no speed-up, only a mark), seconds per step after warm-up, useful tokens per
 second (non-padding prompt + completion tokens of the plain layout, the same count for every
 library) by wall clock and by the process's CPU time (less disturbed by other jobs on a shared
-machine), peak memory of a step (peak RSS above the RSS before the timed steps on CPU, sampled by a
-thread; ``torch.cuda.max_memory_allocated`` above the allocated memory on GPU), the process's peak
-RSS, and achieved FLOP/s, ``(6·P + 2·P·[reference forward])·T / s`` with ``P`` parameters and
-``T`` tokens the model was actually fed, as a fraction of the measured fp32 matmul peak at the same
-thread count (measured in the parent and again in each worker; the best value is the peak).
+machine), the peak memory of a step, the process's peak RSS, and achieved FLOP/s,
+``(6·T_policy + 2·T_reference)·P / s`` with ``P`` parameters and ``T`` the tokens each forward pass
+was actually fed, as a fraction of the measured fp32 matmul peak at the same thread count (measured
+in the parent and again in each worker; the best value is the peak).
+
+A step's peak memory is measured over ``memory_steps`` further steps after the timed ones, because
+the sampling thread would slow the timed steps: on GPU the CUDA allocator's peak above what was
+allocated before; on CPU the C heap's bytes in use (glibc ``mallinfo2``) above their value before,
+so that an allocator which keeps freed memory (unialign's ``cpu_keep_freed_memory``) is not mistaken
+for a lean library. With ``profile``, ``torch.profiler`` records the timed steps and the row gets a
+breakdown by op category; phase shares (collate, forward + backward, optimizer) are always kept.
 """
 
 from __future__ import annotations
@@ -69,27 +75,43 @@ class BenchConfig:
     tolerance: float = 1e-4
     isolate: bool = True
     output_dir: str = "benchmarks/results"
+    profile: bool = False
+    memory_steps: int = 2
+    trl_keep_freed_memory: bool = False
 
 
 # --------------------------------------------------------------------------- measurements
 
 
 class PeakMemory:
-    """Peak memory above a baseline during a ``with`` block: RSS sampled by a thread on CPU, allocator stats on GPU."""
+    """Peak memory above a baseline during a ``with`` block.
 
-    def __init__(self, device: str, interval: float = 0.002):
+    GPU: the CUDA allocator's peak. CPU: the C heap's bytes in use (glibc ``mallinfo2``), sampled by a
+    thread; resident memory where that is unavailable. In-use bytes, not RSS, because RSS also counts
+    freed memory an allocator keeps for reuse, so it would compare allocator settings, not libraries.
+    """
+
+    def __init__(self, device: str, interval: float = 0.025):
+        from unialign.allocator import malloc_in_use_bytes
+
         self.device, self.interval = device, interval
         self.baseline = self.peak = 0
         self._stop = threading.Event()
+        self.measure = "cuda allocated" if device == "cuda" else (
+            "malloc in use" if malloc_in_use_bytes() is not None else "rss")
 
-    def _rss(self) -> int:
+    def _current(self) -> int:
+        if self.measure == "malloc in use":
+            from unialign.allocator import malloc_in_use_bytes
+
+            return malloc_in_use_bytes()
         import psutil
 
         return psutil.Process().memory_info().rss
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._current())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -100,7 +122,7 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.baseline = self.peak = self._rss()
+            self.baseline = self.peak = self._current()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -114,7 +136,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._current())
 
     @property
     def delta_mb(self) -> float:
@@ -152,7 +174,7 @@ def prepare_examples(method: str, cfg: BenchConfig, tokenizer) -> list:
 
     ucfg = UnialignConfig(loss_type=method, output_dir=tempfile.mkdtemp(), max_length=cfg.max_length, report_to=[])
     data = prepare_data(METHODS[method]["data"], ucfg, get_method(method), tokenizer)
-    need = cfg.batch_size * (cfg.warmup + cfg.steps)
+    need = cfg.batch_size * (cfg.warmup + cfg.steps + cfg.memory_steps)
     return [data.examples[i % len(data.examples)] for i in range(need)]
 
 
@@ -287,11 +309,68 @@ def _trl_trainer(method: str, cfg: BenchConfig, policy, reference, tokenizer):
         return TPOTrainer(policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     raise ValueError(f"TRL has no {method}")
 
+# op name (torch.profiler, self time) → category of the breakdown; anything unmatched is "other"
+OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("softmax / log-softmax", ("softmax", "logsumexp")),
+    ("optimizer", ("_foreach_", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
+    ("copies / layout", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::index",
+                         "aten::gather", "aten::scatter", "aten::fill_", "aten::zero_", "aten::empty")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::pow",
+                     "aten::rsqrt", "aten::mean", "aten::neg", "aten::sum", "aten::exp", "aten::where",
+                     "aten::threshold", "aten::sigmoid")),
+)
+
+
+def op_category(name: str) -> str:
+    """The breakdown category of a profiled op (the first matching prefix group, else ``other``)."""
+    for category, needles in OP_CATEGORIES:
+        if any(needle in name for needle in needles):
+            return category
+    return "other"
+
+
+def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
+    """Self time of a torch.profiler run by category and by op, as shares of the total self time."""
+    self_us: dict[str, float] = {}
+    for event in events:
+        self_us[event.key] = self_us.get(event.key, 0.0) + event.self_cpu_time_total
+    total = sum(self_us.values()) or 1.0
+    categories: dict[str, float] = {}
+    for name, us in self_us.items():
+        categories[op_category(name)] = categories.get(op_category(name), 0.0) + us / total
+    ops = sorted(self_us.items(), key=lambda item: -item[1])[:top]
+    return {
+        "self_seconds": total / 1e6,
+        "categories": dict(sorted(categories.items(), key=lambda item: -item[1])),
+        "top_ops": [{"op": name, "share": us / total, "seconds": us / 1e6} for name, us in ops],
+    }
+
+
+def fed_tokens(examples: list, plain_tokens: int, library: str) -> tuple[int, int]:
+    """Tokens the policy's and the reference's forward passes are fed for ``examples`` (padding excluded).
+
+    The plain layout feeds ``plain_tokens``. With prefix sharing a row's prompt is fed once for all its
+    completions when the row has two or more; KTO's rows (one completion plus a mismatched KL one) are
+    packed for the reference's joint pass only, since in training the KL sequences get a no-grad pass
+    of their own.
+    """
+    if library == "trl" or not LIBRARIES[library]["prefix_sharing"]:
+        return plain_tokens, plain_tokens
+    packed = sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) + len(e.kl_completion_ids or [])
+                 for e in examples)
+    policy_packs = any(len(e.completion_ids) > 1 for e in examples)
+    reference_packs = policy_packs or any(e.kl_completion_ids for e in examples)
+    return (packed if policy_packs else plain_tokens), (packed if reference_packs else plain_tokens)
+
 
 def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     """Train ``steps`` steps after ``warmup`` with one library; the measurements of that run."""
     import torch
 
+    from unialign import allocator
+    from unialign.allocator import keep_freed_memory
     from unialign.losses.registry import get_method
     from unialign.models import load_tokenizer
 
@@ -306,6 +385,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     examples = prepare_examples(method, cfg, tokenizer)
     policy, reference = _models(cfg, spec.needs_reference)
     if library == "trl":
+        if cfg.trl_keep_freed_memory and device == "cpu":
+            keep_freed_memory()  # what unialign's trainer does on CPU, for a like-for-like allocator
         trainer = _trl_trainer(method, cfg, policy, reference, tokenizer)
         records = trl_records(method, examples)
         collate, items = trainer.data_collator, records
@@ -327,42 +408,55 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
                                with_kl_pairs=spec.needs_kl_pairs)
     b = cfg.batch_size
     peak_here = matmul_peak_flops(device, cfg.threads)  # under the same load as the steps that follow
-    losses, times, cpu_times, useful, processed, completions = [], [], [], 0, 0, 0
+    losses, times, cpu_times, useful, policy_fed, reference_fed, completions = [], [], [], 0, 0, 0, 0
+    phases = {"collate": 0.0, "forward + backward": 0.0, "optimizer": 0.0}
     memory = PeakMemory(device)
-    for step in range(cfg.warmup + cfg.steps):
+    profiler = None
+    timed_end = cfg.warmup + cfg.steps
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for step in range(timed_end + cfg.memory_steps):
         chunk = slice(step * b, (step + 1) * b)
-        if step == cfg.warmup:
-            memory.__enter__()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if step == cfg.warmup and cfg.profile:
+            profiler = torch.profiler.profile(activities=_profiler_activities(device))
+            profiler.__enter__()
+        if step == timed_end:
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+            memory.__enter__()  # its sampling thread would slow the timed steps, so it gets steps of its own
+        sync()
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = collate(items[chunk])
+        collated = time.perf_counter()
         loss = trainer.training_step(model, batch)
+        sync()
+        stepped = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(float(loss))
-        if step >= cfg.warmup:
-            times.append(elapsed)
-            cpu_times.append(cpu_elapsed)
-            reference_batch = plain(examples[chunk])
-            tokens = int(reference_batch["attention_mask"].sum())
-            useful += tokens
-            fed = tokens
-            if library != "trl" and LIBRARIES[library]["prefix_sharing"]:
-                fed = sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) + len(e.kl_completion_ids or [])
-                          for e in examples[chunk])
-            processed += fed
-            completions += sum(len(e.completion_ids) for e in examples[chunk])
+        if not cfg.warmup <= step < timed_end:
+            continue
+        phases["collate"] += collated - start
+        phases["forward + backward"] += stepped - collated
+        phases["optimizer"] += start + elapsed - stepped
+        times.append(elapsed)
+        cpu_times.append(cpu_elapsed)
+        tokens = int(plain(examples[chunk])["attention_mask"].sum())
+        useful += tokens
+        policy_tokens, reference_tokens = fed_tokens(examples[chunk], tokens, library)
+        policy_fed += policy_tokens
+        reference_fed += reference_tokens
+        completions += sum(len(e.completion_ids) for e in examples[chunk])
     memory.__exit__(None, None, None)
+    if profiler is not None:
+        row["profile"] = profile_breakdown(profiler.key_averages())
     import resource
 
     seconds = sum(times)
     params = sum(p.numel() for p in model.parameters())
     reference_forward = spec.needs_reference
-    flops = (6 + (2 if reference_forward else 0)) * params * processed
+    flops = 6 * params * policy_fed + (2 * params * reference_fed if reference_forward else 0)
     return row | {
         "loss_step0": losses[0],
         "losses": losses,
@@ -372,15 +466,44 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "matmul_peak_flops": peak_here,
         "useful_tokens_per_s": useful / seconds,
         "useful_tokens_per_step": useful / len(times),
-        "fed_tokens_per_step": processed / len(times),
+        "fed_tokens_per_step": policy_fed / len(times),
+        "reference_fed_tokens_per_step": reference_fed / len(times),
         "completions_per_step": completions / len(times),
         "s_per_completion": seconds / completions,
         "peak_step_mem_mb": memory.delta_mb,
+        "step_mem_measure": memory.measure,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params": params,
         "flops_per_s": flops / seconds,
         "reference_forward": reference_forward,
+        "phase_shares": {name: value / seconds for name, value in phases.items()},
+        "keeps_freed_memory": allocator.is_applied(),
     }
+
+
+def _profiler_activities(device: str) -> list:
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def format_profile(rows: list[dict[str, Any]]) -> str:
+    """Where each profiled run's time went: phases by wall clock, then ops by self time."""
+    lines = []
+    for r in rows:
+        if "phase_shares" not in r:
+            continue
+        phases = ", ".join(f"{name} {share:.0%}" for name, share in r["phase_shares"].items())
+        lines.append(f"{r['method']} / {r['library']}: {phases}")
+        if "profile" in r:
+            cats = ", ".join(f"{name} {share:.0%}" for name, share in r["profile"]["categories"].items())
+            ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["profile"]["top_ops"][:6])
+            lines.append(f"  by op category (self time): {cats}")
+            lines.append(f"  top ops: {ops}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- driver
@@ -571,6 +694,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=d.max_length, help="prompt + completion tokens")
     parser.add_argument("--steps", type=int, default=d.steps, help="timed steps")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    parser.add_argument("--memory-steps", type=int, default=d.memory_steps,
+                        help="untimed steps after the timed ones, over which the step's peak memory is sampled")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads for every run")
     parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (both libraries)")
@@ -579,6 +704,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=d.tolerance, help="step-0 loss agreement required")
     parser.add_argument("--output-dir", default=d.output_dir, help="a bench_<time>.json is written here")
     parser.add_argument("--in-process", action="store_true", help="no worker processes (peak RSS is then shared)")
+    parser.add_argument("--trl-keep-freed-memory", action="store_true",
+                        help="give TRL's runs unialign's CPU allocator setting too (cpu_keep_freed_memory)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run torch.profiler over the timed steps and print where the time goes (slows them)")
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
@@ -591,6 +720,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         steps=args.steps,
         warmup=args.warmup,
+        memory_steps=args.memory_steps,
         threads=args.threads,
         dtype=args.dtype,
         learning_rate=args.lr,
@@ -599,12 +729,17 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         isolate=not args.in_process,
         output_dir=args.output_dir,
+        profile=args.profile,
+        trl_keep_freed_memory=args.trl_keep_freed_memory,
     )
     report = run_bench(cfg)
     m = report["machine"]
     print(f"{m['device']} · {m['cpu_count']} CPUs · {cfg.threads} threads · torch {m['torch']} · "
           f"matmul peak {report['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     print(report["table"])
+    breakdown = format_profile(report["rows"])
+    if breakdown:
+        print(breakdown)
     for key, ratio in sorted(report["completion_cost_vs_dpo"].items()):
         print(f"cost per completion {key} / dpo: {ratio:.2f}")
     if "path" in report:

@@ -102,6 +102,13 @@ class UnialignConfig(TrainingArguments):
             "mask); used for causal LMs with sdpa or eager attention, position ids and no sliding window"
         },
     )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "on CPU, keep freed memory in the process for reuse (glibc malloc: no per-block mmap, no "
+            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its peak"
+        },
+    )
     # --- reliability (docs/reliability.md)
     resume: bool = field(
         default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir, if any"}

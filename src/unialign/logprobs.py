@@ -32,7 +32,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = None  # the first chunk's product is written fresh (no zero-filled vocab × hidden buffer)
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
@@ -44,7 +44,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             if need_h:
                 grad_h[start:end] = (grad_logits @ weight.float()).to(hidden.dtype)
             if need_w:
-                grad_w.addmm_(grad_logits.t(), h.float())
+                grad_w = grad_logits.t() @ h.float() if grad_w is None else grad_w.addmm_(grad_logits.t(), h.float())
             if grad_b is not None:
                 grad_b += grad_logits.sum(0)
         cast = lambda t, like: None if t is None else t.to(like.dtype)

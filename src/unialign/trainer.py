@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from unialign.allocator import keep_freed_memory
 from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
 from unialign.data.collate import has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
@@ -71,6 +72,8 @@ class UnialignTrainer(Trainer):
             sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
             impl = "full" if sharded or not chunked_head_is_exact(self.model) else "chunked"
         self.logprob_impl = impl
+        if self.args.cpu_keep_freed_memory and self.accelerator.device.type == "cpu":
+            keep_freed_memory()
 
     # ----------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

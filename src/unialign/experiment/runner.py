@@ -289,11 +289,16 @@ def train_model(config: dict[str, Any]):
 
 def execute_job(job: dict[str, Any]) -> dict[str, Any]:
     """Rescore (when asked), train, measure and evaluate one run; returns the outcome fields of its record."""
+    import torch
+
+    from unialign.allocator import keep_freed_memory
     from unialign.experiment.peers import get_peer
     from unialign.losses.registry import get_method
 
     config = dict(job["config"])
     outcome: dict[str, Any] = {}
+    if config.get("cpu_keep_freed_memory", True) and not torch.cuda.is_available():
+        keep_freed_memory()  # here, not only in unialign's trainer, so that peer libraries' runs get it too
     if job.get("rescore"):
         outcome["rescore"] = rescore_listwise(job["rescore"])
         config["dataset"] = job["rescore"]["out"]
