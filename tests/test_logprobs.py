@@ -82,3 +82,24 @@ def test_explicit_positions_and_sources_equal_the_defaults(model, impl):
         shifted = token_logps(model, ids, attention, target, impl=impl, source_index=sources.clamp(max=2))
     torch.testing.assert_close(explicit, plain, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(shifted, plain)  # the source column really is read
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_head_gradients_equal_plain_autograd(with_bias):
+    """LoRA's case: only the hidden states need a gradient, and forward precomputes their Jacobian."""
+    torch.manual_seed(1)
+    hidden = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    bias = torch.randn(50, dtype=torch.float64) if with_bias else None
+    targets = torch.randint(0, 50, (7,))
+    upstream = torch.randn(7, dtype=torch.float64)
+    out = ChunkedTokenLogps.apply(hidden, weight, bias, targets, 3)
+    (out * upstream).sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    logits = hidden @ weight.t() + (bias if with_bias else 0)
+    plain = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (plain * upstream).sum().backward()
+    torch.testing.assert_close(out.double(), plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, hidden.grad, atol=1e-5, rtol=1e-5)
+    assert got.dtype == hidden.dtype

@@ -14,21 +14,45 @@ from torch import Tensor
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
-    """``log softmax(h·Wᵀ + b)[target]`` for rows of ``h``, computed and differentiated in chunks."""
+    """``log softmax(h·Wᵀ + b)[target]`` for rows of ``h``, computed and differentiated in chunks.
+
+    Two ways to differentiate. When the head is trained (full fine-tuning), backward recomputes each
+    chunk's logits, because the head's gradient needs the upstream gradient and the softmax together.
+    When only ``h`` needs a gradient (a frozen head: LoRA, or a frozen reference), each output is a
+    scalar per row, so its gradient with respect to ``h`` is ``g · (onehot(t) − softmax)·W``: forward
+    computes that Jacobian row (``(rows, hidden)``, small) from the logits it already has, and
+    backward only scales it, saving the recompute (one ``rows × hidden × vocab`` matmul).
+    """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        jacobian_first = need_h and not need_w and not (need_b and bias is not None)
+        jacobian = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if jacobian_first else None
         for start in range(0, hidden.shape[0], chunk_size):
+            chunk_targets = targets[start : start + chunk_size, None]
             logits = _chunk_logits(hidden[start : start + chunk_size], weight, bias)
-            picked = logits.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
-            out[start : start + chunk_size] = picked - torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk_size = chunk_size
+            picked = logits.gather(1, chunk_targets).squeeze(1)
+            normalizer = torch.logsumexp(logits, dim=-1)
+            out[start : start + chunk_size] = picked - normalizer
+            if jacobian is not None:
+                # onehot(t) − softmax, built in place over the logits: d(logit_t − logsumexp)/d logits
+                grad_logits = logits.sub_(normalizer[:, None]).exp_().neg_()
+                grad_logits.scatter_add_(1, chunk_targets, torch.ones_like(chunk_targets, dtype=grad_logits.dtype))
+                jacobian[start : start + chunk_size] = grad_logits @ weight.float()
+        if jacobian is not None:
+            ctx.save_for_backward(jacobian)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size, ctx.jacobian_first, ctx.hidden_dtype = chunk_size, jacobian is not None, hidden.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if ctx.jacobian_first:
+            (jacobian,) = ctx.saved_tensors
+            return (jacobian * grad_out.float()[:, None]).to(ctx.hidden_dtype), None, None, None, None
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
