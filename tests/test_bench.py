@@ -14,6 +14,7 @@ from unialign.bench import (
     fed_tokens,
     format_profile,
     format_table,
+    median_runs,
     op_category,
     run_bench,
     summarize,
@@ -122,10 +123,25 @@ def test_ops_fall_into_the_right_category(op, category):
     assert op_category(op) == category
 
 
-def test_trl_runs_get_the_cpu_allocator_setting_only_when_asked():
-    assert not BenchConfig().trl_keep_freed_memory
-    args = build_parser().parse_args(["bench", "--trl-keep-freed-memory", "--profile"])
-    assert args.trl_keep_freed_memory and args.profile
+def test_trl_with_unialigns_allocator_setting_is_a_second_baseline(report):
+    rows = copy.deepcopy(report["rows"])
+    trl = next(r for r in rows if r["library"] == "trl")
+    rows.append(trl | {"library": "trl-kept-memory", "useful_tokens_per_s": 2 * trl["useful_tokens_per_s"]})
+    summarize(rows, report["matmul_peak_flops"], tolerance=1e-4)
+    ours = next(r for r in rows if r["library"] == "unialign-prefix")
+    assert ours["speedup_tokens_vs_trl_kept_memory"] == pytest.approx(ours["speedup_tokens"] / 2)
+    assert "speedup_tokens" not in rows[-1]  # a baseline, not compared with itself
+    args = build_parser().parse_args(["bench", "--libraries", "trl-kept-memory,unialign-prefix", "--repeat", "3"])
+    assert args.repeat == 3 and args.libraries == "trl-kept-memory,unialign-prefix"
+
+
+def test_repeated_runs_report_the_median_run_and_keep_every_figure():
+    runs = [{"useful_tokens_per_s": v, "s_per_step": 100 / v, "peak_step_mem_mb": m}
+            for v, m in ((90.0, 10.0), (70.0, 12.0), (80.0, 11.0))]
+    chosen = median_runs(runs + [{"error": "worker died"}])
+    assert chosen["useful_tokens_per_s"] == 80.0 and chosen["peak_step_mem_mb"] == 11.0  # one real run's fields
+    assert chosen["repeats"]["useful_tokens_per_s"] == [90.0, 70.0, 80.0] and chosen["repeats"]["failed"] == 1
+    assert median_runs([{"error": "x"}]) == {"error": "x"}
 
 
 def test_fed_tokens_follow_the_layout_each_pass_uses():

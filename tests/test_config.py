@@ -1,8 +1,12 @@
 """Config loading: YAML, overrides, method defaults, errors that name the key."""
 
-import pytest
+import dataclasses
+from pathlib import Path
 
-from unialign.config import load_config, parse_overrides
+import pytest
+from transformers import TrainingArguments
+
+from unialign.config import UnialignConfig, load_config, parse_overrides
 
 
 def test_method_defaults_fill_unset_fields_and_explicit_values_win():
@@ -62,3 +66,11 @@ def test_overrides_are_parsed_as_yaml_scalars():
     }
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["novalue"])
+
+
+def test_every_unialign_key_is_documented():
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f.name for f in dataclasses.fields(UnialignConfig) if f.name not in inherited]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    assert len(own) > 40
+    assert [name for name in own if f"| `{name}` |" not in doc] == []

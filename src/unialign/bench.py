@@ -49,6 +49,7 @@ METHODS: dict[str, dict[str, Any]] = {
 # library variant → unialign config keys (None: TRL)
 LIBRARIES: dict[str, dict[str, Any] | None] = {
     "trl": None,
+    "trl-kept-memory": None,  # TRL with unialign's CPU allocator setting (cpu_keep_freed_memory), like for like
     "unialign": {"prefix_sharing": False, "logprob_impl": "chunked"},
     "unialign-prefix": {"prefix_sharing": True, "logprob_impl": "chunked"},
     "unialign-full": {"prefix_sharing": False, "logprob_impl": "full"},
@@ -77,7 +78,7 @@ class BenchConfig:
     output_dir: str = "benchmarks/results"
     profile: bool = False
     memory_steps: int = 2
-    trl_keep_freed_memory: bool = False
+    repeat: int = 1
 
 
 # --------------------------------------------------------------------------- measurements
@@ -348,6 +349,11 @@ def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
     }
 
 
+def is_trl(library: str) -> bool:
+    """Whether a library variant is TRL's (stock or with unialign's allocator setting)."""
+    return LIBRARIES[library] is None
+
+
 def fed_tokens(examples: list, plain_tokens: int, library: str) -> tuple[int, int]:
     """Tokens the policy's and the reference's forward passes are fed for ``examples`` (padding excluded).
 
@@ -356,7 +362,7 @@ def fed_tokens(examples: list, plain_tokens: int, library: str) -> tuple[int, in
     packed for the reference's joint pass only, since in training the KL sequences get a no-grad pass
     of their own.
     """
-    if library == "trl" or not LIBRARIES[library]["prefix_sharing"]:
+    if is_trl(library) or not LIBRARIES[library]["prefix_sharing"]:
         return plain_tokens, plain_tokens
     packed = sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) + len(e.kl_completion_ids or [])
                  for e in examples)
@@ -379,13 +385,13 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     device = _device(cfg)
     spec = get_method(method)
     row: dict[str, Any] = {"method": method, "library": library, "device": device}
-    if library == "trl" and METHODS[method]["trl"] is None:
+    if is_trl(library) and METHODS[method]["trl"] is None:
         return row | {"error": f"TRL 1.16 has no {method} trainer"}
     tokenizer = load_tokenizer(cfg.model)
     examples = prepare_examples(method, cfg, tokenizer)
     policy, reference = _models(cfg, spec.needs_reference)
-    if library == "trl":
-        if cfg.trl_keep_freed_memory and device == "cpu":
+    if is_trl(library):
+        if library == "trl-kept-memory" and device == "cpu":
             keep_freed_memory()  # what unialign's trainer does on CPU, for a like-for-like allocator
         trainer = _trl_trainer(method, cfg, policy, reference, tokenizer)
         records = trl_records(method, examples)
@@ -527,11 +533,12 @@ def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float) -
     ``max(1, |loss|)``); otherwise the row is marked ``loss_mismatch`` and the ratios are ``None``.
     """
     trl = {r["method"]: r for r in rows if r["library"] == "trl" and "error" not in r}
+    kept = {r["method"]: r for r in rows if r["library"] == "trl-kept-memory" and "error" not in r}
     peak_flops = max([peak_flops, *(r.get("matmul_peak_flops", 0) for r in rows)])  # best seen: least disturbed
     for row in rows:
         if "flops_per_s" in row and peak_flops:
             row["mfu"] = row["flops_per_s"] / peak_flops
-        if row["library"] == "trl" or "error" in row:
+        if is_trl(row["library"]) or "error" in row:
             continue
         row["speedup_tokens"] = row["memory_ratio"] = None
         other = trl.get(row["method"])
@@ -553,13 +560,35 @@ def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float) -
             row["speedup_cpu"] = row["useful_tokens_per_cpu_s"] / other["useful_tokens_per_cpu_s"]
         if other["peak_step_mem_mb"] > 0:
             row["memory_ratio"] = row["peak_step_mem_mb"] / other["peak_step_mem_mb"]
+        if row["method"] in kept:
+            row["speedup_tokens_vs_trl_kept_memory"] = (
+                row["useful_tokens_per_s"] / kept[row["method"]]["useful_tokens_per_s"])
     return rows
+
+
+def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of repeated runs of one (method, library), the one with the median tokens per second, plus every run's figures.
+
+    A real run rather than field-wise medians, so that its fields stay consistent with each other.
+    """
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    ranked = sorted(ok, key=lambda r: r["useful_tokens_per_s"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["repeats"] = {
+        "useful_tokens_per_s": [r["useful_tokens_per_s"] for r in ok],
+        "s_per_step": [r["s_per_step"] for r in ok],
+        "peak_step_mem_mb": [r["peak_step_mem_mb"] for r in ok],
+        "failed": len(runs) - len(ok),
+    }
+    return chosen
 
 
 def completion_costs(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds per completion of each method relative to DPO's, per unialign variant."""
     out = {}
-    for library in {r["library"] for r in rows if r["library"] != "trl"}:
+    for library in {r["library"] for r in rows if not is_trl(r["library"])}:
         by_method = {r["method"]: r for r in rows if r["library"] == library and "s_per_completion" in r}
         if "dpo" not in by_method:
             continue
@@ -581,7 +610,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['library']} | " + " | ".join(["–"] * 12) + f" | {r['error']} |")
             continue
-        check = r.get("vs_trl", "reference" if r["library"] == "trl" else "")
+        check = r.get("vs_trl", "reference" if is_trl(r["library"]) else "")
         if check == "loss_mismatch":
             check = f"**LOSS MISMATCH** (gap {r['loss_gap']:.2e}): no speed-up claimed"
         elif check == "ok":
@@ -638,15 +667,18 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     info = machine_info(device, cfg.threads)
     peak = matmul_peak_flops(device, cfg.threads)
     torch.set_num_threads(cfg.threads)
-    rows = []
-    for method in cfg.methods:
-        for library in cfg.libraries:
-            if library == "trl" and METHODS[method]["trl"] is None:
-                rows.append({"method": method, "library": library, "error": f"TRL 1.16 has no {method} trainer"})
-                continue
-            row = _run_isolated(method, library, cfg) if cfg.isolate else _safe_run(method, library, cfg)
-            rows.append(row)
-            print(_progress(row), file=sys.stderr, flush=True)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, x): [] for m in cfg.methods for x in cfg.libraries}
+    for _ in range(cfg.repeat):  # libraries interleaved, so that a slow spell of a shared machine hits them alike
+        for method in cfg.methods:
+            for library in cfg.libraries:
+                if is_trl(library) and METHODS[method]["trl"] is None:
+                    runs[method, library] = [{"method": method, "library": library,
+                                              "error": f"TRL 1.16 has no {method} trainer"}]
+                    continue
+                row = _run_isolated(method, library, cfg) if cfg.isolate else _safe_run(method, library, cfg)
+                runs[method, library].append(row)
+                print(_progress(row), file=sys.stderr, flush=True)
+    rows = [median_runs(found) for found in runs.values()]
     summarize(rows, peak, cfg.tolerance)
     report = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -704,8 +736,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=d.tolerance, help="step-0 loss agreement required")
     parser.add_argument("--output-dir", default=d.output_dir, help="a bench_<time>.json is written here")
     parser.add_argument("--in-process", action="store_true", help="no worker processes (peak RSS is then shared)")
-    parser.add_argument("--trl-keep-freed-memory", action="store_true",
-                        help="give TRL's runs unialign's CPU allocator setting too (cpu_keep_freed_memory)")
+    parser.add_argument("--repeat", type=int, default=d.repeat,
+                        help="run every (method, library) this many times, interleaved; the median run is reported")
     parser.add_argument("--profile", action="store_true",
                         help="run torch.profiler over the timed steps and print where the time goes (slows them)")
 
@@ -730,7 +762,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         isolate=not args.in_process,
         output_dir=args.output_dir,
         profile=args.profile,
-        trl_keep_freed_memory=args.trl_keep_freed_memory,
+        repeat=args.repeat,
     )
     report = run_bench(cfg)
     m = report["machine"]
@@ -740,6 +772,13 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     breakdown = format_profile(report["rows"])
     if breakdown:
         print(breakdown)
+    for r in report["rows"]:
+        if r.get("speedup_tokens_vs_trl_kept_memory"):
+            print(f"{r['method']} {r['library']} vs TRL with the same allocator setting: "
+                  f"{r['speedup_tokens_vs_trl_kept_memory']:.2f}x useful tok/s")
+        if len(r.get("repeats", {}).get("useful_tokens_per_s", [])) > 1:
+            spread = ", ".join(f"{v:.1f}" for v in r["repeats"]["useful_tokens_per_s"])
+            print(f"{r['method']} {r['library']} tok/s over {len(r['repeats']['useful_tokens_per_s'])} runs: {spread}")
     for key, ratio in sorted(report["completion_cost_vs_dpo"].items()):
         print(f"cost per completion {key} / dpo: {ratio:.2f}")
     if "path" in report:
