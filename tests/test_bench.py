@@ -17,6 +17,7 @@ from unialign.bench import (
     median_runs,
     op_category,
     run_bench,
+    step_flops,
     summarize,
 )
 from unialign.cli import build_parser
@@ -154,3 +155,9 @@ def test_fed_tokens_follow_the_layout_each_pass_uses():
     plain_binary = 10 + 5 + 10 + 6  # the KL sequence is a plain row of its own
     # training scores the KL sequence in a separate no-grad pass; only the reference packs it with the prompt
     assert fed_tokens([binary], plain_binary, "unialign-prefix") == (31, 21)
+
+
+def test_step_flops_count_weight_gradients_only_when_the_base_trains():
+    assert step_flops(10, 3, 2, lora=False) == 6 * 10 * 3 + 2 * 10 * 2
+    assert step_flops(10, 3, 2, lora=True) == 4 * 10 * 3 + 2 * 10 * 2
+    assert step_flops(10, 3, 0, lora=False) == 180  # no reference forward (SimPO, TPO)

@@ -11,9 +11,10 @@ losses disagree gets no speed-up, only a mark), seconds per step after warm-up, 
 second (non-padding prompt + completion tokens of the plain layout, the same count for every
 library) by wall clock and by the process's CPU time (less disturbed by other jobs on a shared
 machine), the peak memory of a step, the process's peak RSS, and achieved FLOP/s,
-``(6·T_policy + 2·T_reference)·P / s`` with ``P`` parameters and ``T`` the tokens each forward pass
-was actually fed, as a fraction of the measured fp32 matmul peak at the same thread count (measured
-in the parent and again in each worker; the best value is the peak).
+``(6·T_policy + 2·T_reference)·P / s`` (4 instead of 6 with LoRA: no weight gradients for the base)
+with ``P`` parameters and ``T`` the tokens each forward pass was actually fed, as a fraction of the
+measured fp32 matmul peak at the same thread count (measured in the parent and again in each
+worker; the best value is the peak).
 
 A step's peak memory is measured over ``memory_steps`` further steps after the timed ones, because
 the sampling thread would slow the timed steps: on GPU the CUDA allocator's peak above what was
@@ -349,6 +350,12 @@ def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
     }
 
 
+def step_flops(params: int, policy_tokens: int, reference_tokens: int, lora: bool) -> float:
+    """Matmul FLOPs of the work: forward 2·P per token, backward 4·P (2·P for input gradients only when the
+    base weights are frozen, as with LoRA; the adapters' own FLOPs are negligible), reference forward 2·P."""
+    return (4 if lora else 6) * params * policy_tokens + 2 * params * reference_tokens
+
+
 def is_trl(library: str) -> bool:
     """Whether a library variant is TRL's (stock or with unialign's allocator setting)."""
     return LIBRARIES[library] is None
@@ -462,7 +469,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     seconds = sum(times)
     params = sum(p.numel() for p in model.parameters())
     reference_forward = spec.needs_reference
-    flops = 6 * params * policy_fed + (2 * params * reference_fed if reference_forward else 0)
+    flops = step_flops(params, policy_fed, reference_fed if reference_forward else 0, cfg.lora)
     return row | {
         "loss_step0": losses[0],
         "losses": losses,
