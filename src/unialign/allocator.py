@@ -4,7 +4,7 @@ By default glibc's malloc serves every large block (above a threshold between 12
 with a fresh ``mmap`` and hands it back to the kernel on ``free``, and trims the heap's free top.
 A training step allocates and frees the same large tensors every step (the LM head's logits chunk,
 activations, the tied embedding's gradient), so the kernel page-faults and zeroes that memory again
-each time. On the 2-core benchmark machine that was 9% of a unialign DPO step and 28% of TRL's
+each time. On the 2-core benchmark machine that was 9% of a unialign DPO step and 22–27% of TRL's
 (docs/benchmarks.md). With ``mmap`` off and trimming off, freed blocks stay in the heap and the next
 step reuses them: the process's resident memory then stays at its peak instead of falling between
 steps, which is why this is applied only to CPU training and can be turned off
