@@ -161,3 +161,10 @@ def test_step_flops_count_weight_gradients_only_when_the_base_trains():
     assert step_flops(10, 3, 2, lora=False) == 6 * 10 * 3 + 2 * 10 * 2
     assert step_flops(10, 3, 2, lora=True) == 4 * 10 * 3 + 2 * 10 * 2
     assert step_flops(10, 3, 0, lora=False) == 180  # no reference forward (SimPO, TPO)
+
+
+@pytest.mark.parametrize("field", ["steps", "memory_steps", "repeat"])
+def test_counts_below_one_are_refused_before_anything_runs(tiny_model_dir, field):
+    with pytest.raises(ValueError, match="must each be at least 1"):
+        run_bench(BenchConfig(model=tiny_model_dir, methods=["dpo"], libraries=["unialign"], output_dir="",
+                              isolate=False, **{field: 0}))

@@ -326,7 +326,7 @@ OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def op_category(name: str) -> str:
-    """The breakdown category of a profiled op (the first matching prefix group, else ``other``)."""
+    """The breakdown category of a profiled op: the first group with a name fragment it contains, else ``other``."""
     for category, needles in OP_CATEGORIES:
         if any(needle in name for needle in needles):
             return category
@@ -671,6 +671,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     unknown = [m for m in cfg.methods if m not in METHODS] + [x for x in cfg.libraries if x not in LIBRARIES]
     if unknown:
         raise ValueError(f"unknown method or library {unknown}; methods: {list(METHODS)}, libraries: {list(LIBRARIES)}")
+    if cfg.steps < 1 or cfg.memory_steps < 1 or cfg.repeat < 1:
+        raise ValueError(f"steps, memory_steps and repeat must each be at least 1 (got {cfg.steps}, "
+                         f"{cfg.memory_steps}, {cfg.repeat})")
     info = machine_info(device, cfg.threads)
     peak = matmul_peak_flops(device, cfg.threads)
     torch.set_num_threads(cfg.threads)
