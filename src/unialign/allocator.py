@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -28,6 +29,15 @@ _TRIM_NEVER = 2**31 - 1  # the largest value mallopt accepts: keep up to 2 GiB o
 _applied = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The process's C library, loaded once; None where it cannot be found."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Turn off glibc's per-block ``mmap`` and heap trimming for this process; True when in effect.
 
@@ -39,10 +49,8 @@ def keep_freed_memory() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -63,24 +71,15 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-_mallinfo2 = None
-
-
 def malloc_in_use_bytes() -> int | None:
     """Bytes the C heap has handed out and not yet freed (glibc ``mallinfo2``: arenas + mmapped blocks).
 
     Unlike resident memory this does not depend on whether freed memory is kept or given back, so it
     compares processes with different allocator settings. None where glibc ≥ 2.33 is not the C library.
     """
-    global _mallinfo2
-    if _mallinfo2 is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _mallinfo2 = libc.mallinfo2
-            _mallinfo2.restype = _MallInfo2
-        except (OSError, AttributeError):
-            _mallinfo2 = False
-    if not _mallinfo2:
+    mallinfo2 = getattr(_libc(), "mallinfo2", None)
+    if mallinfo2 is None:
         return None
-    info = _mallinfo2()
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
     return info.uordblks + info.hblkhd

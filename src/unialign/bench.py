@@ -96,6 +96,7 @@ class PeakMemory:
     def __init__(self, device: str, interval: float = 0.025):
         from unialign.allocator import malloc_in_use_bytes
 
+        self._in_use = malloc_in_use_bytes
         self.device, self.interval = device, interval
         self.baseline = self.peak = 0
         self._stop = threading.Event()
@@ -104,9 +105,7 @@ class PeakMemory:
 
     def _current(self) -> int:
         if self.measure == "malloc in use":
-            from unialign.allocator import malloc_in_use_bytes
-
-            return malloc_in_use_bytes()
+            return self._in_use()
         import psutil
 
         return psutil.Process().memory_info().rss
@@ -383,7 +382,6 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     import torch
 
     from unialign import allocator
-    from unialign.allocator import keep_freed_memory
     from unialign.losses.registry import get_method
     from unialign.models import load_tokenizer
 
@@ -399,7 +397,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     policy, reference = _models(cfg, spec.needs_reference)
     if is_trl(library):
         if library == "trl-kept-memory" and device == "cpu":
-            keep_freed_memory()  # what unialign's trainer does on CPU, for a like-for-like allocator
+            allocator.keep_freed_memory()  # what unialign's trainer does on CPU, for a like-for-like allocator
         trainer = _trl_trainer(method, cfg, policy, reference, tokenizer)
         records = trl_records(method, examples)
         collate, items = trainer.data_collator, records
