@@ -51,6 +51,7 @@ def test_harness_writes_json_with_every_field(report):
         assert "error" not in row, row.get("error")
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
         assert len(row["losses"]) == 3 and row["s_per_step"] > 0 and 0 < row["mfu"]  # warm-up, timed, memory
+        assert len(row["warmup_s"]) == 1 and row["warmup_s"][0] > 0  # kept out of s_per_step
         assert row["step_mem_measure"] == "malloc in use" and row["peak_step_mem_mb"] > 0
     # same token ids and batches: the useful work is identical, prefix sharing feeds fewer tokens
     assert rows["trl"]["useful_tokens_per_step"] == rows["unialign"]["useful_tokens_per_step"]

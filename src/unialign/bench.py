@@ -3,7 +3,8 @@
 Each (method, library) runs in its own process (clean peak memory, no monkey-patching shared
 between libraries) on the same model, the same token ids (tokenized once by unialign, then handed
 to each library's own collator), the same batches in the same order, batch size, dtype, thread
-count, optimizer (``torch.optim.AdamW``, same learning rate) and number of steps. One step is:
+count, optimizer (fused ``torch.optim.AdamW``, the ``adamw_torch_fused`` both libraries'
+``TrainingArguments`` default to, same learning rate) and number of steps. One step is:
 collate → the trainer's ``training_step`` (forward, loss, backward) → optimizer step.
 
 Reported per row: the loss at step 0 (unialign and TRL must agree to ``tolerance``; a row whose
@@ -54,6 +55,8 @@ LIBRARIES: dict[str, dict[str, Any] | None] = {
     "unialign": {"prefix_sharing": False, "logprob_impl": "chunked"},
     "unialign-prefix": {"prefix_sharing": True, "logprob_impl": "chunked"},
     "unialign-full": {"prefix_sharing": False, "logprob_impl": "full"},
+    # compile_layers: each transformer block compiled (the first warm-up step pays the compilation)
+    "unialign-compiled": {"prefix_sharing": True, "logprob_impl": "chunked", "compile_layers": True},
 }
 DEFAULT_LIBRARIES = ("trl", "unialign", "unialign-prefix")
 
@@ -409,7 +412,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     if getattr(trainer, "ref_model", None) is not None:
         trainer.ref_model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, fused=True)
     trainer.optimizer = optimizer
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we drive the steps ourselves
 
@@ -420,6 +423,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     b = cfg.batch_size
     peak_here = matmul_peak_flops(device, cfg.threads)  # under the same load as the steps that follow
     losses, times, cpu_times, useful, policy_fed, reference_fed, completions = [], [], [], 0, 0, 0, 0
+    warmup_times = []  # kept apart: they include one-off costs (compilation with compile_layers)
     phases = {"collate": 0.0, "forward + backward": 0.0, "optimizer": 0.0}
     memory = PeakMemory(device)
     profiler = None
@@ -446,6 +450,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         sync()
         elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(float(loss))
+        if step < cfg.warmup:
+            warmup_times.append(elapsed)
         if not cfg.warmup <= step < timed_end:
             continue
         phases["collate"] += collated - start
@@ -472,6 +478,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "loss_step0": losses[0],
         "losses": losses,
         "s_per_step": seconds / len(times),
+        "warmup_s": warmup_times,
         "cpu_s_per_step": sum(cpu_times) / len(cpu_times),
         "useful_tokens_per_cpu_s": useful / sum(cpu_times),
         "matmul_peak_flops": peak_here,

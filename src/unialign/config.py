@@ -102,6 +102,13 @@ class UnialignConfig(TrainingArguments):
             "mask); used for causal LMs with sdpa or eager attention, position ids and no sliding window"
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "compile each transformer block in place with torch.compile (regional compilation, dynamic "
+            "shapes): fuses norms, activations and rotary embeddings; the first step pays the compilation"
+        },
+    )
     cpu_keep_freed_memory: bool = field(
         default=True,
         metadata={

@@ -169,6 +169,31 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def compile_blocks(model, dynamic: bool = True) -> int:
+    """Compile every repeated transformer block of ``model`` in place with ``torch.compile``; returns how many.
+
+    The blocks are the modules whose class the model lists in ``_no_split_modules`` (the decoder
+    layers of a transformers LM), found inside DDP and PEFT wrappers. They share one compiled graph,
+    so compilation costs one block's worth, and the code between them (embeddings, masks, the
+    chunked LM head) stays eager. ``Module.compile`` keeps the module tree, so parameter names, the
+    state dict, PEFT adapters and ``save_pretrained`` are unaffected. ``dynamic`` compiles for any
+    sequence length at once instead of recompiling when the second batch's length differs.
+    """
+    from unialign.logprobs import unwrap
+
+    inner = unwrap(model)
+    block_classes = set(getattr(inner, "_no_split_modules", None) or ())
+    blocks = [module for module in inner.modules() if type(module).__name__ in block_classes]
+    if not blocks:
+        raise ValueError(
+            f"compile_layers: {type(inner).__name__} names no repeated block class (_no_split_modules), so there is "
+            "nothing to compile block by block; set compile_layers: false"
+        )
+    for block in blocks:
+        block.compile(dynamic=dynamic)
+    return len(blocks)
+
+
 def model_config(name_or_path: str, trust_remote_code: bool = False):
     """The HF config of a model without loading its weights."""
     location, gguf = _split_gguf(resolve_model_path(name_or_path))

@@ -28,6 +28,7 @@ from unialign.data.tokenize import TokenizedExample
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
+from unialign.models import compile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class UnialignTrainer(Trainer):
         self.logprob_impl = impl
         if self.args.cpu_keep_freed_memory and self.accelerator.device.type == "cpu":
             keep_freed_memory()
+        if self.args.compile_layers:
+            compiled = compile_blocks(self.model)
+            if self.ref_model is not None:
+                compile_blocks(self.ref_model)
+            logger.info("compile_layers: %d blocks compiled; the first steps include compilation", compiled)
 
     # ----------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
