@@ -14,8 +14,11 @@ from unialign.data.tokenize import encode_completion, encode_prompt
 from unialign.evaluate import (
     add_eval_arguments,
     compare,
+    completion_logps,
     evaluate,
     evaluate_paths,
+    implicit_pair_stats,
+    pair_sequences,
     pair_stats,
     paired_difference,
     run_eval_cli,
@@ -184,6 +187,20 @@ def test_implicit_accuracy_matches_direct_computation(report, policy_and_referen
     assert report.pairs.num_pairs == len(pairwise_rows_module)
     assert report.pairs.accuracy == pytest.approx(sum(m > 0 for m in margins) / len(margins))
     assert report.pairs.mean_margin == pytest.approx(sum(margins) / len(margins), abs=1e-5)
+
+
+def test_precomputed_reference_logps_give_the_same_pair_stats(report, policy_and_reference, tokenizer,
+                                                              pairwise_rows_module):
+    policy, reference = policy_and_reference
+    sequences = pair_sequences(pairwise_rows_module, tokenizer)
+    assert len(sequences) == 2 * len(pairwise_rows_module)
+    values = completion_logps(reference, sequences, tokenizer.pad_token_id)
+    # reference=None: were the reference model needed, this would fail
+    stats = implicit_pair_stats(policy, None, tokenizer, pairwise_rows_module, BETA, reference_logps=values)
+    assert (stats.num_pairs, stats.accuracy) == (report.pairs.num_pairs, report.pairs.accuracy)
+    assert stats.mean_margin == pytest.approx(report.pairs.mean_margin, abs=1e-6)
+    with pytest.raises(ValueError, match="11 reference log-probs for 12 pair completions"):
+        implicit_pair_stats(policy, None, tokenizer, pairwise_rows_module, BETA, reference_logps=values[:-1])
 
 
 def test_lengths_rewards_and_markdown(report, known_texts, preferred):

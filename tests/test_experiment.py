@@ -178,6 +178,8 @@ def test_sweep_caches_resumes_and_handles_dependencies(tmp_path, tiny_model_dir,
     assert read_record(spec, "dpo", 0) is None
     cache = next((spec.workdir / "cache").glob("reference-*.json"))
     cache_stamp = cache.stat().st_mtime_ns
+    (base_pairs,) = (spec.workdir / "cache").glob("pairs-reference-*.json")  # the base model's, from sft's eval
+    base_pairs_stamp = base_pairs.stat().st_mtime_ns
 
     # 2. the rerun trains only what is missing; the unregistered method is marked and skipped
     second = TrainCalls(monkeypatch)
@@ -189,6 +191,9 @@ def test_sweep_caches_resumes_and_handles_dependencies(tmp_path, tiny_model_dir,
     job = json.loads((spec.workdir / read_record(spec, "sft_dpo", 0)["run_dir"] / "job.json").read_text())
     assert job["config"]["model_name_or_path"] == str(spec.workdir / read_record(spec, "sft", 0)["run_dir"] / "model")
     assert len(Path(job["config"]["dataset"]).read_text().splitlines()) == 3  # the derived 3-row sample
+    # dpo read the base model's pair log-probs from the cache; sft_dpo (reference: the SFT model) made its own
+    assert base_pairs.stat().st_mtime_ns == base_pairs_stamp
+    assert len(list((spec.workdir / "cache").glob("pairs-reference-*.json"))) == 2
 
     # 3. everything is cached now: no training at all, and the reference generations were made once
     third = TrainCalls(monkeypatch)

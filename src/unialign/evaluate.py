@@ -274,19 +274,34 @@ def kl_estimate(model, reference, tokenizer, prompts: list, generations: list[Ge
     return sum(p - r for p, r in zip(policy, ref)) / len(policy)
 
 
-def implicit_pair_stats(model, reference, tokenizer, pairs: list[dict], beta: float,
-                        batch_size: int = 8) -> PairStats | None:
-    """Implicit-reward accuracy and mean margin on rows with ``prompt``, ``chosen`` and ``rejected``."""
-    if not pairs:
-        return None
+def pair_sequences(pairs: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of each row's chosen, then rejected completion: ``2·len(pairs)`` entries."""
     sequences = []
     for row in pairs:
         prompt_ids = encode_prompt(row["prompt"], tokenizer)
         sequences.append((prompt_ids, encode_completion(row["chosen"], tokenizer)))
         sequences.append((prompt_ids, encode_completion(row["rejected"], tokenizer)))
+    return sequences
+
+
+def implicit_pair_stats(model, reference, tokenizer, pairs: list[dict], beta: float,
+                        batch_size: int = 8, reference_logps: list[float] | None = None) -> PairStats | None:
+    """Implicit-reward accuracy and mean margin on rows with ``prompt``, ``chosen`` and ``rejected``.
+
+    ``reference_logps``: the reference's :func:`completion_logps` of :func:`pair_sequences`, when
+    already known (a sweep computes them once for all its runs); ``reference`` is then not run.
+    """
+    if not pairs:
+        return None
+    sequences = pair_sequences(pairs, tokenizer)
     pad = tokenizer.pad_token_id
     policy = completion_logps(model, sequences, pad, batch_size)
-    ref = policy if reference is model else completion_logps(reference, sequences, pad, batch_size)
+    if reference_logps is not None:
+        if len(reference_logps) != len(sequences):
+            raise ValueError(f"{len(reference_logps)} reference log-probs for {len(sequences)} pair completions")
+        ref = reference_logps
+    else:
+        ref = policy if reference is model else completion_logps(reference, sequences, pad, batch_size)
     ratios = [p - r for p, r in zip(policy, ref)]
     return pair_stats(ratios[0::2], ratios[1::2], beta)
 

@@ -32,7 +32,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from unialign.experiment.spec import PLACEHOLDER, Spec, dataset_id, eval_id, planned_runs, resolved_settings, run_id
+from unialign.experiment.spec import (
+    PLACEHOLDER,
+    RESULT_VERSION,
+    Spec,
+    dataset_id,
+    digest,
+    eval_id,
+    planned_runs,
+    resolved_settings,
+    run_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -460,6 +470,31 @@ def reference_generations(base_model: str, prompts: list, settings: dict[str, An
     return gens, rewards
 
 
+def pair_reference_logps(reference: str, pairs: list[dict], tokenizer, settings: dict[str, Any]) -> list[float]:
+    """The starting model's log-probs of the held-out pair completions, read from the cache or made once.
+
+    Every run that starts from the same model shares them (only the policy's side changes from run to
+    run), so a sweep computes them once per starting model instead of once per run. The cache file is
+    named by the model path and the pair setting, beside the reference-generation cache.
+    """
+    from unialign.evaluate import completion_logps, pair_sequences
+    from unialign.models import load_model
+
+    key = {"reference": reference, "pairs": settings["pairs"], "limit": settings.get("pairs_limit"),
+           "batch_size": int(settings["batch_size"]), "version": RESULT_VERSION}
+    cache = Path(settings["reference_cache"]).parent / f"pairs-reference-{digest(key)}.json"
+    sequences = pair_sequences(pairs, tokenizer)
+    if cache.is_file():
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if len(stored.get("logps", [])) == len(sequences):
+            return [float(v) for v in stored["logps"]]
+    base = settings["base_model"]
+    model = _cached("model", base, lambda: load_model(base).eval()) if reference == base else load_model(reference)
+    values = completion_logps(model.eval(), sequences, tokenizer.pad_token_id, int(settings["batch_size"]))
+    write_json_atomic(cache, {"key": key, "logps": values})
+    return values
+
+
 def _generation_config(settings: dict[str, Any], cls):
     return cls(temperature=float(settings["temperature"]), max_new_tokens=int(settings["max_new_tokens"]),
                batch_size=int(settings["batch_size"]), seed=0)
@@ -497,9 +532,9 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     gens = [g[0] for g in generate(policy, tokenizer, prompts, config, progress=False, desc="policy")]
     rewards = [float(r) for r in reward(prompts, [g.text for g in gens])]
     base_model = _cached("model", base, lambda: load_model(base).eval())
-    pairs_reference = settings.get("pairs_reference") or base
-    pair_model = base_model if pairs_reference == base else load_model(pairs_reference).eval()
     pairs = load_pairs(settings["pairs"], settings.get("pairs_limit")) if settings.get("pairs") else []
+    pairs_reference = settings.get("pairs_reference") or base
+    reference_pair_logps = pair_reference_logps(pairs_reference, pairs, tokenizer, settings) if pairs else None
     report = EvalReport(
         num_prompts=len(prompts),
         reward_name=getattr(reward, "name", type(reward).__name__),
@@ -508,7 +543,7 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
         outcomes=compare(rewards, ref_rewards),
         kl=kl_estimate(policy, base_model, tokenizer, prompts, gens, config.batch_size),
         beta=beta,
-        pairs=implicit_pair_stats(policy, pair_model, tokenizer, pairs, beta, config.batch_size),
+        pairs=implicit_pair_stats(policy, None, tokenizer, pairs, beta, config.batch_size, reference_pair_logps),
         settings={"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
                   "model": model_dir, "reference": base, "prompts": settings["prompts"]},
         samples=[{"prompt": p, "policy": g.text, "reference": rg.text, "policy_reward": r, "reference_reward": rr}
