@@ -11,6 +11,7 @@ import pytest
 
 from unialign.bench import (
     BenchConfig,
+    FedTokens,
     fed_tokens,
     format_profile,
     format_table,
@@ -149,19 +150,29 @@ def test_repeated_runs_report_the_median_run_and_keep_every_figure():
 def test_fed_tokens_follow_the_layout_each_pass_uses():
     pair = SimpleNamespace(prompt_ids=[1] * 10, completion_ids=[[2] * 5, [3] * 7], kl_completion_ids=None)
     plain_pair = 10 + 5 + 10 + 7
-    assert fed_tokens([pair], plain_pair, "trl") == (32, 32)
-    assert fed_tokens([pair], plain_pair, "unialign") == (32, 32)
-    assert fed_tokens([pair], plain_pair, "unialign-prefix") == (22, 22)  # the prompt once
+    assert fed_tokens([pair], plain_pair, "trl") == FedTokens(32, 0, 32)
+    assert fed_tokens([pair], plain_pair, "unialign") == FedTokens(32, 0, 32)
+    assert fed_tokens([pair], plain_pair, "unialign-prefix") == FedTokens(22, 0, 22)  # the prompt once
     binary = SimpleNamespace(prompt_ids=[1] * 10, completion_ids=[[2] * 5], kl_completion_ids=[4] * 6)
     plain_binary = 10 + 5 + 10 + 6  # the KL sequence is a plain row of its own
-    # training scores the KL sequence in a separate no-grad pass; only the reference packs it with the prompt
-    assert fed_tokens([binary], plain_binary, "unialign-prefix") == (31, 21)
+    # in training the KL sequence gets a no-grad pass of its own, in both libraries
+    assert fed_tokens([binary], plain_binary, "trl") == FedTokens(15, 16, 31)
+    # only the reference's joint pass packs it with the prompt
+    assert fed_tokens([binary], plain_binary, "unialign-prefix") == FedTokens(15, 16, 21)
 
 
 def test_step_flops_count_weight_gradients_only_when_the_base_trains():
     assert step_flops(10, 3, 2, lora=False) == 6 * 10 * 3 + 2 * 10 * 2
     assert step_flops(10, 3, 2, lora=True) == 4 * 10 * 3 + 2 * 10 * 2
-    assert step_flops(10, 3, 0, lora=False) == 180  # no reference forward (SimPO, TPO)
+    assert step_flops(10, 3, 0, lora=False) == 180  # no forward-only pass (SimPO, TPO)
+
+
+def test_a_row_without_trl_says_why():
+    mine = {"method": "dpo", "library": "unialign-prefix", "loss_step0": 0.69, "losses": [0.69]}
+    assert summarize([dict(mine)], 1.0, 1e-4)[0]["vs_trl"] == "TRL not run"
+    failed = {"method": "dpo", "library": "trl", "error": "boom"}
+    assert summarize([dict(mine), failed], 1.0, 1e-4)[0]["vs_trl"] == "TRL run failed"
+    assert summarize([dict(mine, method="rao")], 1.0, 1e-4)[0]["vs_trl"] == "no TRL trainer"
 
 
 @pytest.mark.parametrize("field", ["steps", "memory_steps", "repeat"])

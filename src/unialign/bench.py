@@ -12,8 +12,9 @@ losses disagree gets no speed-up, only a mark), seconds per step after warm-up, 
 second (non-padding prompt + completion tokens of the plain layout, the same count for every
 library) by wall clock and by the process's CPU time (less disturbed by other jobs on a shared
 machine), the peak memory of a step, the process's peak RSS, and achieved FLOP/s,
-``(6·T_policy + 2·T_reference)·P / s`` (4 instead of 6 with LoRA: no weight gradients for the base)
-with ``P`` parameters and ``T`` the tokens each forward pass was actually fed, as a fraction of the
+``(6·T_trained + 2·T_no_grad)·P / s`` (4 instead of 6 with LoRA: no weight gradients for the base)
+with ``P`` parameters, ``T_trained`` the tokens the policy's pass with gradients was actually fed and
+``T_no_grad`` those of passes without (the reference, KTO's KL sequences), as a fraction of the
 measured fp32 matmul peak at the same thread count (measured in the parent and again in each
 worker; the best value is the peak).
 
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -352,10 +353,11 @@ def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
     }
 
 
-def step_flops(params: int, policy_tokens: int, reference_tokens: int, lora: bool) -> float:
-    """Matmul FLOPs of the work: forward 2·P per token, backward 4·P (2·P for input gradients only when the
-    base weights are frozen, as with LoRA; the adapters' own FLOPs are negligible), reference forward 2·P."""
-    return (4 if lora else 6) * params * policy_tokens + 2 * params * reference_tokens
+def step_flops(params: int, trained_tokens: int, forward_only_tokens: int, lora: bool) -> float:
+    """Matmul FLOPs of the work: a trained token costs forward 2·P + backward 4·P (2·P for input gradients
+    only when the base weights are frozen, as with LoRA; the adapters' own FLOPs are negligible); a token
+    fed to a pass without gradient (the reference, KTO's KL sequences) costs 2·P."""
+    return (4 if lora else 6) * params * trained_tokens + 2 * params * forward_only_tokens
 
 
 def is_trl(library: str) -> bool:
@@ -363,21 +365,36 @@ def is_trl(library: str) -> bool:
     return LIBRARIES[library] is None
 
 
-def fed_tokens(examples: list, plain_tokens: int, library: str) -> tuple[int, int]:
-    """Tokens the policy's and the reference's forward passes are fed for ``examples`` (padding excluded).
+@dataclass
+class FedTokens:
+    """Tokens (padding excluded) fed to each pass of one step."""
 
-    The plain layout feeds ``plain_tokens``. With prefix sharing a row's prompt is fed once for all its
-    completions when the row has two or more; KTO's rows (one completion plus a mismatched KL one) are
-    packed for the reference's joint pass only, since in training the KL sequences get a no-grad pass
-    of their own.
+    trained: int  # the policy's pass with gradients
+    policy_no_grad: int  # the policy's pass without gradients: KTO's mismatched (KL) sequences
+    reference: int  # the reference's pass, when the method has one
+
+
+def fed_tokens(examples: list, plain_tokens: int, library: str) -> FedTokens:
+    """Tokens each pass is fed for ``examples``, in the layout each library uses for it.
+
+    ``plain_tokens`` is the plain layout's count (one row per sequence, KTO's KL sequences included).
+    In training both libraries score KTO's KL sequences in a pass of their own without gradient, one
+    row each. With prefix sharing a row's prompt is fed once for all its completions when the row has
+    two or more; the reference's joint pass also packs KTO's completion with its KL sequence.
     """
+    kl_plain = sum(len(e.prompt_ids) + len(e.kl_completion_ids) for e in examples if e.kl_completion_ids)
+    main_plain = plain_tokens - kl_plain
     if is_trl(library) or not LIBRARIES[library]["prefix_sharing"]:
-        return plain_tokens, plain_tokens
-    packed = sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) + len(e.kl_completion_ids or [])
-                 for e in examples)
+        return FedTokens(main_plain, kl_plain, plain_tokens)
+    main_packed = sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in examples)
     policy_packs = any(len(e.completion_ids) > 1 for e in examples)
-    reference_packs = policy_packs or any(e.kl_completion_ids for e in examples)
-    return (packed if policy_packs else plain_tokens), (packed if reference_packs else plain_tokens)
+    reference_packs = policy_packs or kl_plain > 0
+    return FedTokens(
+        trained=main_packed if policy_packs else main_plain,
+        policy_no_grad=kl_plain,
+        reference=main_packed + kl_plain - sum(len(e.prompt_ids) for e in examples if e.kl_completion_ids)
+        if reference_packs else plain_tokens,
+    )
 
 
 def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
@@ -422,7 +439,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
                                with_kl_pairs=spec.needs_kl_pairs)
     b = cfg.batch_size
     peak_here = matmul_peak_flops(device, cfg.threads)  # under the same load as the steps that follow
-    losses, times, cpu_times, useful, policy_fed, reference_fed, completions = [], [], [], 0, 0, 0, 0
+    losses, times, cpu_times, useful, completions = [], [], [], 0, 0
+    fed = FedTokens(0, 0, 0)
     warmup_times = []  # kept apart: they include one-off costs (compilation with compile_layers)
     phases = {"collate": 0.0, "forward + backward": 0.0, "optimizer": 0.0}
     memory = PeakMemory(device)
@@ -461,9 +479,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         cpu_times.append(cpu_elapsed)
         tokens = int(plain(examples[chunk])["attention_mask"].sum())
         useful += tokens
-        policy_tokens, reference_tokens = fed_tokens(examples[chunk], tokens, library)
-        policy_fed += policy_tokens
-        reference_fed += reference_tokens
+        step_fed = fed_tokens(examples[chunk], tokens, library)
+        fed = FedTokens(*(a + b for a, b in zip(astuple(fed), astuple(step_fed))))
         completions += sum(len(e.completion_ids) for e in examples[chunk])
     memory.__exit__(None, None, None)
     if profiler is not None:
@@ -473,7 +490,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     seconds = sum(times)
     params = sum(p.numel() for p in model.parameters())
     reference_forward = spec.needs_reference
-    flops = step_flops(params, policy_fed, reference_fed if reference_forward else 0, cfg.lora)
+    flops = step_flops(params, fed.trained, fed.policy_no_grad + (fed.reference if reference_forward else 0), cfg.lora)
     return row | {
         "loss_step0": losses[0],
         "losses": losses,
@@ -484,8 +501,9 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "matmul_peak_flops": peak_here,
         "useful_tokens_per_s": useful / seconds,
         "useful_tokens_per_step": useful / len(times),
-        "fed_tokens_per_step": policy_fed / len(times),
-        "reference_fed_tokens_per_step": reference_fed / len(times),
+        "fed_tokens_per_step": (fed.trained + fed.policy_no_grad) / len(times),
+        "trained_tokens_per_step": fed.trained / len(times),
+        "reference_fed_tokens_per_step": fed.reference / len(times),
         "completions_per_step": completions / len(times),
         "s_per_completion": seconds / completions,
         "peak_step_mem_mb": memory.delta_mb,
@@ -555,7 +573,9 @@ def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float) -
         row["speedup_tokens"] = row["memory_ratio"] = None
         other = trl.get(row["method"])
         if other is None:
-            row["vs_trl"] = "no TRL trainer" if METHODS[row["method"]]["trl"] is None else "TRL run failed"
+            trl_ran = any(r["library"] == "trl" and r["method"] == row["method"] for r in rows)
+            row["vs_trl"] = ("no TRL trainer" if METHODS[row["method"]]["trl"] is None
+                             else "TRL run failed" if trl_ran else "TRL not run")
             continue
         gap = abs(row["loss_step0"] - other["loss_step0"])
         row["loss_gap"] = gap
