@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import gather_object
 from torch import Tensor
 from transformers import Trainer
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from unialign.allocator import keep_freed_memory
@@ -80,6 +81,34 @@ class UnialignTrainer(Trainer):
             if self.ref_model is not None:
                 compile_blocks(self.ref_model)
             logger.info("compile_layers: %d blocks compiled; the first steps include compilation", compiled)
+
+    # ----------------------------------------------------------------- sampling
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler; the length-aware strategies read each tokenized row's length.
+
+        ``train_sampling_strategy: group_by_length`` (batches of similar length, less padding) and
+        ``batch_rebalance`` look for an ``input_ids`` field that tokenized preference rows do not
+        have, so their lengths are given here: see :func:`example_length`.
+        """
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("group_by_length", "batch_rebalance") or not dataset or not isinstance(
+            dataset[0], TokenizedExample
+        ):
+            return super()._get_train_sampler(train_dataset)
+        lengths = [example_length(e, packed=self.args.prefix_sharing) for e in dataset]
+        accumulation = self.args.gradient_accumulation_steps
+        if strategy == "group_by_length":
+            return LengthGroupedSampler(self.args.train_batch_size * accumulation, lengths=lengths)
+        world = max(1, self.args.world_size)
+        return BatchRebalanceSampler(
+            lengths=lengths,
+            effective_batch_size=self.args.train_batch_size * accumulation * world,
+            dp_size=world,
+            grad_accum=accumulation,
+            rank=self.args.process_index if world > 1 else 0,
+            drop_last=self.args.dataloader_drop_last,
+        )
 
     # ----------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -438,6 +467,17 @@ class RowIndexCollator:
 
     def __getattr__(self, name):
         return getattr(self.collator, name)
+
+
+def example_length(example: TokenizedExample, packed: bool) -> int:
+    """The tokens a row costs in a padded batch: its packed row (prompt once, then every completion and
+    KTO's mismatched one) with prefix sharing and two or more sequences, else its longest sequence."""
+    completions = [c for c in example.completion_ids if c]
+    if example.kl_completion_ids:
+        completions.append(example.kl_completion_ids)
+    if packed and len(completions) > 1:
+        return len(example.prompt_ids) + sum(map(len, completions))
+    return len(example.prompt_ids) + max(map(len, completions), default=0)
 
 
 def describe_rows(batch: dict) -> str:
