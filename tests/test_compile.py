@@ -94,3 +94,30 @@ def test_trainer_compiles_only_when_asked(tiny_model_dir, tmp_path):
 def test_a_model_without_repeated_blocks_is_refused():
     with pytest.raises(ValueError, match="names no repeated block class"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_lora_policy_and_adapter_disabled_reference_match_eager(tiny_model_dir, tmp_path):
+    from unialign.models import apply_lora
+
+    def lora_model():
+        torch.manual_seed(7)  # the same fresh adapters in both copies
+        model = apply_lora(_model(tiny_model_dir), r=4, alpha=8, dropout=0.0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; make the adapters matter
+                torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        return model
+
+    eager, compiled = lora_model(), lora_model()
+    eager_trainer = _trainer(eager, tmp_path / "e", compile_layers=False, prefix_sharing=True)
+    compiled_trainer = _trainer(compiled, tmp_path / "c", compile_layers=True, prefix_sharing=True)
+    batch = _batch((4, 9, 6), prefix_sharing=True)
+    want, want_grads = _logps_and_grads(eager_trainer, eager, batch)
+    got, got_grads = _logps_and_grads(compiled_trainer, compiled, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want_grads and all("lora_" in name for name in want_grads)
+    for name, grad in want_grads.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(got_grads[name] / scale, grad / scale, atol=1e-5, rtol=0, msg=name)
+    reference = compiled_trainer.reference_logps(dict(batch))["seq"]
+    torch.testing.assert_close(reference, eager_trainer.reference_logps(dict(batch))["seq"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(reference, got)  # the adapters were really off for the reference

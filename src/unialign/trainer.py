@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 from torch import Tensor
 from transformers import Trainer
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from unialign.allocator import keep_freed_memory
 from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
@@ -92,9 +92,8 @@ class UnialignTrainer(Trainer):
         """
         dataset = self.train_dataset if train_dataset is None else train_dataset
         strategy = self.args.train_sampling_strategy
-        if strategy not in ("group_by_length", "batch_rebalance") or not dataset or not isinstance(
-            dataset[0], TokenizedExample
-        ):
+        length_aware = strategy in ("group_by_length", "batch_rebalance") and has_length(dataset) and len(dataset) > 0
+        if not length_aware or not isinstance(dataset[0], TokenizedExample):
             return super()._get_train_sampler(train_dataset)
         lengths = [example_length(e, packed=self.args.prefix_sharing) for e in dataset]
         accumulation = self.args.gradient_accumulation_steps
