@@ -12,6 +12,7 @@ import pytest
 from unialign.bench import (
     BenchConfig,
     FedTokens,
+    PeakMemory,
     fed_tokens,
     format_profile,
     format_table,
@@ -180,3 +181,25 @@ def test_counts_below_one_are_refused_before_anything_runs(tiny_model_dir, field
     with pytest.raises(ValueError, match="must each be at least 1"):
         run_bench(BenchConfig(model=tiny_model_dir, methods=["dpo"], libraries=["unialign"], output_dir="",
                               isolate=False, **{field: 0}))
+
+
+def test_watched_model_records_the_step_peak_that_a_slow_sampler_misses(tiny_model_dir):
+    import torch
+
+    from unialign.models import load_model
+
+    model = load_model(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (4, 64))
+    memory = PeakMemory("cpu", interval=3600.0)  # the thread samples once at the start, then sleeps
+    if memory.measure != "malloc in use":
+        pytest.skip("needs glibc mallinfo2")
+    with memory:
+        handles = memory.watch(model)
+        logits = model(ids).logits
+        logits_mb = logits.numel() * logits.element_size() / 2**20
+        logits.float().logsumexp(-1).sum().backward()
+        del logits
+    for handle in handles:
+        handle.remove()
+    assert len(handles) == 1 + model.config.num_hidden_layers
+    assert memory.delta_mb >= logits_mb  # the forward hook saw the logits (and more) alive

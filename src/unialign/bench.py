@@ -95,9 +95,11 @@ class PeakMemory:
     GPU: the CUDA allocator's peak. CPU: the C heap's bytes in use (glibc ``mallinfo2``), sampled by a
     thread; resident memory where that is unavailable. In-use bytes, not RSS, because RSS also counts
     freed memory an allocator keeps for reuse, so it would compare allocator settings, not libraries.
+    A thread alone can miss the peak of a step shorter than its interval, so :meth:`watch` also samples
+    at the end of each forward pass of a model and as each of its decoder layers' gradients arrive.
     """
 
-    def __init__(self, device: str, interval: float = 0.025):
+    def __init__(self, device: str, interval: float = 0.005):
         from unialign.allocator import malloc_in_use_bytes
 
         self._in_use = malloc_in_use_bytes
@@ -114,10 +116,34 @@ class PeakMemory:
 
         return psutil.Process().memory_info().rss
 
+    def sample(self, *_ignored) -> None:
+        """Take one reading now (CPU; the CUDA allocator tracks its own peak)."""
+        if self.device != "cuda":
+            self.peak = max(self.peak, self._current())
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._current())
-            time.sleep(self.interval)
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def watch(self, model) -> list:
+        """Sample after ``model``'s forward pass and during its backward pass; the hook handles to remove.
+
+        Forward hooks sit on the model and on its repeated blocks (the ``_no_split_modules`` classes, the
+        same for both libraries); each block's output gets a gradient hook, which fires as backward
+        reaches that block. Hooks go on the outside of a block, so compiled blocks are not broken up.
+        """
+        from unialign.models import repeated_blocks
+
+        def on_output(_module, _inputs, output):
+            self.sample()
+            first = output[0] if isinstance(output, tuple) else output
+            if getattr(first, "requires_grad", False):
+                first.register_hook(lambda grad: self.sample())
+
+        handles = [model.register_forward_hook(self.sample)]
+        handles += [block.register_forward_hook(on_output) for block in repeated_blocks(model)]
+        return handles
 
     def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
@@ -455,7 +481,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         if step == timed_end:
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-            memory.__enter__()  # its sampling thread would slow the timed steps, so it gets steps of its own
+            memory.__enter__()  # its sampling slows a step, so the timed steps are over before it starts
+            hooks = memory.watch(model)
         sync()
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = collate(items[chunk])
@@ -483,6 +510,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         fed = FedTokens(*(a + b for a, b in zip(astuple(fed), astuple(step_fed))))
         completions += sum(len(e.completion_ids) for e in examples[chunk])
     memory.__exit__(None, None, None)
+    for hook in hooks:
+        hook.remove()
     if profiler is not None:
         row["profile"] = profile_breakdown(profiler.key_averages())
     import resource

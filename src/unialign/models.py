@@ -169,6 +169,16 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def repeated_blocks(model) -> list:
+    """The modules whose class ``model`` lists in ``_no_split_modules`` (its decoder layers), inside any
+    DDP or PEFT wrapper; empty when the model names none."""
+    from unialign.logprobs import unwrap
+
+    inner = unwrap(model)
+    block_classes = set(getattr(inner, "_no_split_modules", None) or ())
+    return [module for module in inner.modules() if type(module).__name__ in block_classes]
+
+
 def compile_blocks(model, dynamic: bool = True) -> int:
     """Compile every repeated transformer block of ``model`` in place with ``torch.compile``; returns how many.
 
@@ -179,15 +189,13 @@ def compile_blocks(model, dynamic: bool = True) -> int:
     state dict, PEFT adapters and ``save_pretrained`` are unaffected. ``dynamic`` compiles for any
     sequence length at once instead of recompiling when the second batch's length differs.
     """
-    from unialign.logprobs import unwrap
-
-    inner = unwrap(model)
-    block_classes = set(getattr(inner, "_no_split_modules", None) or ())
-    blocks = [module for module in inner.modules() if type(module).__name__ in block_classes]
+    blocks = repeated_blocks(model)
     if not blocks:
+        from unialign.logprobs import unwrap
+
         raise ValueError(
-            f"compile_layers: {type(inner).__name__} names no repeated block class (_no_split_modules), so there is "
-            "nothing to compile block by block; set compile_layers: false"
+            f"compile_layers: {type(unwrap(model)).__name__} names no repeated block class (_no_split_modules), so "
+            "there is nothing to compile block by block; set compile_layers: false"
         )
     for block in blocks:
         block.compile(dynamic=dynamic)
