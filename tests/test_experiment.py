@@ -226,6 +226,38 @@ def test_failed_dependency_makes_dependent_unavailable_then_recovers(tmp_path, t
     assert retry.calls == ["sft", "sft_dpo"] and summary.done == [("sft", 0), ("sft_dpo", 0)]
 
 
+def test_records_kept_apart_survive_a_lost_workdir_and_missing_models_are_rebuilt(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    runs = [r for r in sweep_runs(tmp_path) if r["name"] in ("sft", "dpo", "sft_dpo")]
+    path = tiny_spec(tmp_path, tiny_model_dir, runs)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["results_dir"] = "committed/results"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    spec = load_spec(path)
+    assert spec.results_dir == tmp_path / "committed" / "results"
+
+    TrainCalls(monkeypatch, fail={"sft_dpo": Killed()})
+    with pytest.raises(Killed):
+        run_sweep(spec, isolate=False, log=_quiet)
+    assert result_path(spec, "sft", 0).parent == spec.results_dir and read_record(spec, "dpo", 0)["status"] == DONE
+    assert not (spec.workdir / "results").exists()
+
+    import shutil
+
+    shutil.rmtree(spec.workdir)  # a fresh checkout: the records came along, the models did not
+    lines: list[str] = []
+    again = TrainCalls(monkeypatch)
+    summary = run_sweep(spec, isolate=False, log=lines.append)
+    assert again.calls == ["sft", "sft_dpo"]  # sft_dpo needs sft's model; dpo's record stands
+    assert summary.cached == [("dpo", 0)] and summary.done == [("sft", 0), ("sft_dpo", 0)]
+    assert any("sft seed 0: finished before, but its model is not here and sft_dpo needs it" in line
+               for line in lines)
+
+    shutil.rmtree(spec.workdir)  # nothing pending needs a model now: nothing is trained
+    last = TrainCalls(monkeypatch)
+    assert len(run_sweep(spec, isolate=False, log=_quiet).cached) == 3 and last.calls == []
+
+
 # ----------------------------------------------------------------------------- report
 def _curve(values: list[float]) -> list[list[float]]:
     return [[float(i + 1), v] for i, v in enumerate(values)]

@@ -2,15 +2,19 @@
 
 Layout under the spec's ``workdir``::
 
-    results/<run id>.json       one record per run (status done | failed | unavailable), written atomically
+    results/<run id>.json       one record per run (status done | failed | unavailable), written atomically;
+                                elsewhere when the spec sets ``results_dir`` (a folder kept in version control)
     runs/<name>-s<seed>-<id>/   the run directory: job.json, log.txt, metrics.jsonl, model/, eval/
     cache/reference-<id>.json   the untouched model's generations and judge rewards, once per eval setting
     data/<name>-<id>.jsonl      derived datasets
 
 A run whose record says ``done`` is never redone; anything else (no record, failed, unavailable) is
-tried again on the next ``run``. A run interrupted half-way leaves no record, so its directory is
-wiped and the run starts over. By default each run trains in a fresh Python process, so peak memory
-(RSS) is that run's own and a crash cannot take the sweep down.
+tried again on the next ``run``. The one exception: a finished run whose saved model a pending run
+needs (``{model:NAME}``, a ``rescore`` reward model) but whose run directory is gone (the records
+travelled to another machine, the models did not) is trained again first.
+A run interrupted half-way leaves no record, so its directory is wiped and the run starts over. By
+default each run trains in a fresh Python process, so peak memory (RSS) is that run's own and a crash
+cannot take the sweep down.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ CURVE_KEYS = ("loss", "nll_loss", "prompt_delta")
 
 # ----------------------------------------------------------------------------- paths and records
 def results_dir(spec: Spec) -> Path:
-    """Folder of the per-run result records."""
-    return spec.workdir / "results"
+    """Folder of the per-run result records (the spec's ``results_dir``)."""
+    return spec.results_dir
 
 
 def result_path(spec: Spec, name: str, seed: int) -> Path:
@@ -138,13 +142,16 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
     """
     summary = SweepSummary()
     plan = planned_runs(spec, only, seeds)
+    rebuild = models_to_rebuild(spec, plan)
     for index, (name, seed) in enumerate(plan, 1):
         tag = f"[{index}/{len(plan)}] {name} seed {seed}"
         record = read_record(spec, name, seed)
-        if record is not None and record.get("status") == DONE:
+        if record is not None and record.get("status") == DONE and (name, seed) not in rebuild:
             summary.cached.append((name, seed))
             log(f"{tag}: cached ({record.get('run_id')})")
             continue
+        if (name, seed) in rebuild:
+            log(f"{tag}: finished before, but its model is not here and {rebuild[(name, seed)]} needs it")
         why = unavailable_reason(spec, name, seed)
         if why:
             write_json_atomic(result_path(spec, name, seed), _record(spec, name, seed, UNAVAILABLE, reason=why))
@@ -172,6 +179,25 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
         log(f"{tag}: done in {time.perf_counter() - started:.0f}s{_headline(outcome)}")
     log(summary.line())
     return summary
+
+
+def models_to_rebuild(spec: Spec, plan: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Finished runs whose model a not-yet-finished run of ``plan`` needs but which is missing on disk.
+
+    Maps (name, seed) to the run that needs it.
+    """
+    out: dict[tuple[str, int], str] = {}
+    for name, seed in plan:
+        own = read_record(spec, name, seed)
+        if own is not None and own.get("status") == DONE:
+            continue
+        for dep in spec.runs[name].model_dependencies():
+            record = read_record(spec, dep, seed)
+            if record is None or record.get("status") != DONE:
+                continue
+            if not (spec.workdir / record["run_dir"] / "model").is_dir():
+                out.setdefault((dep, seed), name)
+    return out
 
 
 def _headline(outcome: dict[str, Any]) -> str:

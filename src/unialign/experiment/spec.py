@@ -3,7 +3,9 @@
 A spec is one YAML file (see ``benchmarks/claims/claims.yaml``)::
 
     root: ../..                      # folder the relative paths below are resolved against (default: the spec's)
-    workdir: runs/claims             # run directories, cached results, reference cache, derived data
+    workdir: runs/claims             # run directories (models), reference cache, derived data
+    results_dir: benchmarks/claims/results   # one small JSON record per finished run (default: <workdir>/results);
+                                     # keep it in version control so a sweep spans machines and sessions
     results_page: docs/results.md
     figures_dir: docs/figures
     seeds: [0, 1, 2]
@@ -80,7 +82,11 @@ class RunEntry:
 
     def dependencies(self) -> list[str]:
         """Runs this entry needs finished first: ``{model:…}`` placeholders, ``rescore.run`` and ``needs``."""
-        deps = list(self.needs)
+        return list(dict.fromkeys(self.needs + self.model_dependencies()))
+
+    def model_dependencies(self) -> list[str]:
+        """Runs whose saved model this entry reads: ``{model:…}`` placeholders and ``rescore.run``."""
+        deps = []
         for value in self.config.values():
             match = PLACEHOLDER.match(value) if isinstance(value, str) else None
             if match and match.group(1) == "model":
@@ -106,6 +112,7 @@ class Spec:
     path: Path
     root: Path
     workdir: Path
+    results_dir: Path
     results_page: Path
     figures_dir: Path
     seeds: list[int]
@@ -150,8 +157,8 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}: cannot read the spec ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping")
-    known = {"root", "workdir", "results_page", "figures_dir", "seeds", "budget", "eval", "datasets", "runs",
-             "claims", "title", "notes"}
+    known = {"root", "workdir", "results_dir", "results_page", "figures_dir", "seeds", "budget", "eval", "datasets",
+             "runs", "claims", "title", "notes"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise SpecError(f"{path}: unknown top-level key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
@@ -173,10 +180,12 @@ def load_spec(path: str | Path) -> Spec:
         if extra:
             raise SpecError(f"{path}: dataset {name!r}: unknown key {extra[0]!r} (source, split, keep, sample)")
     runs = _entries(raw.get("runs") or [], budget, seeds, path)
+    workdir = root / str(raw.get("workdir", "runs/experiment"))
     spec = Spec(
         path=path,
         root=root,
-        workdir=root / str(raw.get("workdir", "runs/experiment")),
+        workdir=workdir,
+        results_dir=root / str(raw["results_dir"]) if raw.get("results_dir") else workdir / "results",
         results_page=root / str(raw.get("results_page", "docs/results.md")),
         figures_dir=root / str(raw.get("figures_dir", "docs/figures")),
         seeds=seeds,
