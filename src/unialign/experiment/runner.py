@@ -105,13 +105,18 @@ def read_record(spec: Spec, name: str, seed: int) -> dict[str, Any] | None:
         return None
 
 
+def is_done(record: dict[str, Any] | None) -> bool:
+    """Whether ``record`` (from :func:`read_record`) is a finished run."""
+    return record is not None and record.get("status") == DONE
+
+
 def done_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
     """Finished records of every (run, seed) of the spec under its current settings."""
     out = {}
     for name, entry in spec.runs.items():
         for seed in entry.seeds:
             record = read_record(spec, name, seed)
-            if record is not None and record.get("status") == DONE:
+            if is_done(record):
                 out[(name, seed)] = record
     return out
 
@@ -146,7 +151,7 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
     for index, (name, seed) in enumerate(plan, 1):
         tag = f"[{index}/{len(plan)}] {name} seed {seed}"
         record = read_record(spec, name, seed)
-        if record is not None and record.get("status") == DONE and (name, seed) not in rebuild:
+        if is_done(record) and (name, seed) not in rebuild:
             summary.cached.append((name, seed))
             log(f"{tag}: cached ({record.get('run_id')})")
             continue
@@ -188,12 +193,11 @@ def models_to_rebuild(spec: Spec, plan: list[tuple[str, int]]) -> dict[tuple[str
     """
     out: dict[tuple[str, int], str] = {}
     for name, seed in plan:
-        own = read_record(spec, name, seed)
-        if own is not None and own.get("status") == DONE:
+        if is_done(read_record(spec, name, seed)):
             continue
         for dep in spec.runs[name].model_dependencies():
             record = read_record(spec, dep, seed)
-            if record is None or record.get("status") != DONE:
+            if not is_done(record):
                 continue
             if not (spec.workdir / record["run_dir"] / "model").is_dir():
                 out.setdefault((dep, seed), name)
@@ -241,7 +245,7 @@ def unavailable_reason(spec: Spec, name: str, seed: int) -> str | None:
             return f"loss_type {loss_type!r} is not registered in this installation"
     for dep in spec.runs[name].dependencies():
         record = read_record(spec, dep, seed)
-        if record is None or record.get("status") != DONE:
+        if not is_done(record):
             status = "not run" if record is None else record.get("status")
             detail = f" ({record.get('reason')})" if record and record.get("reason") else ""
             return f"dependency {dep} (seed {seed}) is {status}{detail}"
