@@ -20,3 +20,7 @@ class DataError(ValueError):
         if field:
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {problem}" if where else problem)
+
+
+class PromptTooLong(DataError):
+    """A row whose prompt alone leaves no room for a completion token: always a counted drop, never fatal."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from unialign.data.errors import DataError
+from unialign.data.errors import DataError, PromptTooLong
 from unialign.data.formats import Example, validate_row
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def tokenize_example(
         prompt_ids = prompt_ids[-max_prompt_length:]
     budget = max_length - len(prompt_ids)
     if budget < 1:
-        raise DataError(
+        raise PromptTooLong(
             f"prompt alone has {len(prompt_ids)} tokens, over max_length={max_length}", row=example.row, field="prompt"
         )
     completions = [encode_completion(c, tokenizer)[:budget] for c in example.completions]
@@ -132,7 +132,7 @@ def tokenize_rows(
             example = validate_row(row, fmt, index, source, score_range)
             examples.append(tokenize_example(example, tokenizer, max_length, max_prompt_length))
         except DataError as err:
-            overlong = err.field == "prompt" and "over max_length" in err.problem
+            overlong = isinstance(err, PromptTooLong)
             if not overlong and on_bad_row == "error":
                 if err.source is None:
                     err = DataError(err.problem, source=source, row=index, field=err.field)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from unialign.data.collate import pad_sequences
-from unialign.data.errors import DataError
+from unialign.data.errors import DataError, PromptTooLong
 from unialign.data.formats import detect_format, validate_row
 from unialign.data.io import read_rows
 from unialign.data.tokenize import DropReport, encode_prompt
@@ -84,14 +84,14 @@ def prepare_prompts(source: str, cfg, method: Method, tokenizer, split: str = "t
             if cfg.max_prompt_length is not None:
                 ids = ids[-cfg.max_prompt_length :]
             if len(ids) > budget:
-                raise DataError(
+                raise PromptTooLong(
                     f"prompt alone has {len(ids)} tokens, over max_length={cfg.max_length} minus "
                     f"max_completion_length={cfg.max_completion_length}",
                     field="prompt",
                 )
             records.append(PromptRecord(example.prompt, ids, index))
         except DataError as err:
-            overlong = err.field == "prompt" and "over max_length" in err.problem
+            overlong = isinstance(err, PromptTooLong)
             if not overlong and cfg.on_bad_row == "error":
                 raise DataError(err.problem, source=source, row=index, field=err.field) from None
             report.add("prompt longer than max_length" if overlong else f"{err.field}: {err.problem}", index)
