@@ -181,7 +181,7 @@ def test_implicit_accuracy_matches_direct_computation(report, policy_and_referen
         prompt_ids = encode_prompt(row["prompt"], tokenizer)
         ratio = {}
         for side in ("chosen", "rejected"):
-            ids = encode_completion(row[side], tokenizer)
+            ids = encode_completion(row["prompt"], row[side], tokenizer)
             ratio[side] = direct_logp(policy, prompt_ids, ids) - direct_logp(reference, prompt_ids, ids)
         margins.append(BETA * ratio["chosen"] - BETA * ratio["rejected"])
     assert report.pairs.num_pairs == len(pairwise_rows_module)

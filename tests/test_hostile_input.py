@@ -247,7 +247,10 @@ def test_train_with_on_bad_row_drop_records_the_drop_in_data_report(tiny_model_d
     report = (tmp_path / "run" / "data_report.txt").read_text(encoding="utf-8")
     assert report.startswith("dropped 6 of 8 rows: ")
     assert "prompt: message 0 has an unknown role (rows [2]…)" in report
-    assert "chosen: a conversation completion must be exactly one assistant message (rows [5]…)" in report
+    assert (
+        "chosen: a conversation completion holds assistant (and tool) messages, starting and ending with an "
+        "assistant message (rows [5]…)"
+    ) in report
 
 
 # --- fuzzing: arbitrary JSON-like rows never raise anything but DataError ---------------------------------------

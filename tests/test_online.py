@@ -177,9 +177,12 @@ def test_registry_entry():
     assert method.defaults == {"beta": 0.03, "learning_rate": 5e-6}
 
 
-def test_completion_ids_keep_the_sampled_eos():
-    assert completion_ids(Generation("a b", [5, 6], ended=True), eos_token_id=2) == [5, 6, 2]
-    assert completion_ids(Generation("a b", [5, 6], ended=False), eos_token_id=2) == [5, 6]
+def test_completion_ids_keep_the_sampled_stop_token():
+    assert completion_ids(Generation("a b", [5, 6], ended=True, stop_id=2)) == [5, 6, 2]
+    assert completion_ids(Generation("a b", [5, 6], ended=True, stop_id=9)) == [5, 6, 9]
+    assert completion_ids(Generation("a b", [5, 6], ended=False)) == [5, 6]
+    with pytest.raises(ValueError, match="stop token"):
+        Generation("a b", [5, 6], ended=True)
 
 
 def test_rollout_sequences_layout():

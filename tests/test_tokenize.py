@@ -15,12 +15,13 @@ def test_conversation_prompt_uses_chat_template_with_generation_prompt(tokenizer
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_completion_is_text_plus_eos_for_plain_and_conversation(tokenizer):
-    plain = encode_completion("Hello there.", tokenizer)
-    chat = encode_completion([{"role": "assistant", "content": "Hello there."}], tokenizer)
-    assert plain == chat
+def test_completion_is_text_plus_eos_for_plain_and_the_template_turn_for_conversation(tokenizer):
+    plain = encode_completion("Say hi.", "Hello there.", tokenizer)
+    chat = encode_completion(conversation("Say hi."), [{"role": "assistant", "content": "Hello there."}], tokenizer)
     assert plain[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(plain[:-1]) == "Hello there."
+    # SmolLM2's template ends a turn with <|im_end|>, which is also its EOS: the same ids here.
+    assert chat == plain
 
 
 def test_prompt_and_completion_are_tokenized_separately(tokenizer):
@@ -36,7 +37,7 @@ def test_long_prompt_keeps_its_end_and_long_completion_keeps_its_start(tokenizer
     prompt = " ".join(f"w{i}" for i in range(200))
     completion = " ".join(f"c{i}" for i in range(200))
     full_prompt = tokenizer(prompt)["input_ids"]
-    full_completion = encode_completion(completion, tokenizer)
+    full_completion = encode_completion(prompt, completion, tokenizer)
     tokens = tokenize_example(Example(prompt, [completion], 0), tokenizer, max_length=40, max_prompt_length=16)
     assert tokens.prompt_ids == full_prompt[-16:]
     assert tokens.completion_ids[0] == full_completion[:24]

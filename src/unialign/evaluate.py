@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from unialign.data.collate import pad_sequences
+from unialign.data.formats import ENDED_SUFFIX
 from unialign.data.tokenize import encode_completion, encode_prompt
-from unialign.generation import Generation, GenerationConfig, generate
+from unialign.generation import Generation, GenerationConfig, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
 from unialign.rewards.base import RewardSource
 
@@ -249,12 +250,8 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_to
 
 
 def generation_sequences(prompts: list, generations: list[Generation], tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, sampled ids incl. EOS when it stopped) per generation: exactly the tokens sampled."""
-    eos = tokenizer.eos_token_id
-    return [
-        (encode_prompt(p, tokenizer), list(g.token_ids) + ([eos] if g.ended else []))
-        for p, g in zip(prompts, generations)
-    ]
+    """(prompt ids, sampled ids incl. the stop token when it stopped) per generation: exactly the tokens sampled."""
+    return [(encode_prompt(p, tokenizer), completion_ids(g)) for p, g in zip(prompts, generations)]
 
 
 def kl_estimate(model, reference, tokenizer, prompts: list, generations: list[Generation],
@@ -275,12 +272,16 @@ def kl_estimate(model, reference, tokenizer, prompts: list, generations: list[Ge
 
 
 def pair_sequences(pairs: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of each row's chosen, then rejected completion: ``2·len(pairs)`` entries."""
+    """(prompt ids, completion ids) of each row's chosen, then rejected completion: ``2·len(pairs)`` entries.
+
+    Tokenized as training tokenizes them, ``chosen_ended`` / ``rejected_ended`` flags included.
+    """
     sequences = []
     for row in pairs:
         prompt_ids = encode_prompt(row["prompt"], tokenizer)
-        sequences.append((prompt_ids, encode_completion(row["chosen"], tokenizer)))
-        sequences.append((prompt_ids, encode_completion(row["rejected"], tokenizer)))
+        for slot in ("chosen", "rejected"):
+            ended = row.get(slot + ENDED_SUFFIX) is not False
+            sequences.append((prompt_ids, encode_completion(row["prompt"], row[slot], tokenizer, ended, slot)))
     return sequences
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from unialign.data.tokenize import encode_prompt
+from unialign.data.tokenize import encode_prompt, stop_token_ids
 
 
 @dataclass
@@ -31,11 +31,20 @@ class GenerationConfig:
 
 @dataclass
 class Generation:
-    """One sampled completion: its text, its token ids and whether it ended with EOS."""
+    """One sampled completion: its text, its token ids (the stop token left out) and whether it stopped.
+
+    ``stop_id`` is the token it stopped on (EOS or the chat template's end of turn), ``None`` when it
+    ran into the length cap.
+    """
 
     text: str
     token_ids: list[int]
     ended: bool
+    stop_id: int | None = None
+
+    def __post_init__(self):
+        if self.ended and self.stop_id is None:
+            raise ValueError("a Generation that ended needs the stop token it ended on (stop_id)")
 
 
 def generate(model, tokenizer, prompts: list, config: GenerationConfig, progress: bool = True,
@@ -79,6 +88,7 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: Gener
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
     sample = config.temperature > 0
+    stops = stop_token_ids(tokenizer)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention,
@@ -90,29 +100,29 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: Gener
         repetition_penalty=config.repetition_penalty,
         num_return_sequences=config.num_return_sequences,
         pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops,
     )
     new_tokens = output[:, width:].tolist()
     per_prompt = []
     k = config.num_return_sequences
     for i in range(len(prompt_ids)):
-        per_prompt.append([_to_generation(ids, tokenizer) for ids in new_tokens[i * k : (i + 1) * k]])
+        per_prompt.append([to_generation(ids, tokenizer, stops) for ids in new_tokens[i * k : (i + 1) * k]])
     return per_prompt
 
 
-def _to_generation(ids: list[int], tokenizer) -> Generation:
-    eos = tokenizer.eos_token_id
-    ended = eos in ids
-    if ended:
-        ids = ids[: ids.index(eos)]
+def to_generation(ids: list[int], tokenizer, stops: list[int]) -> Generation:
+    """A :class:`Generation` from sampled ids: cut at the first stop token, padding after it dropped."""
+    stop_at = next((i for i, t in enumerate(ids) if t in stops), None)
+    if stop_at is not None:
+        stop_id, ids = ids[stop_at], ids[:stop_at]
     else:
-        ids = [t for t in ids if t != tokenizer.pad_token_id]
-    return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, ended)
+        stop_id, ids = None, [t for t in ids if t != tokenizer.pad_token_id]
+    return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stop_id is not None, stop_id)
 
 
-def completion_ids(generation: Generation, eos_token_id: int) -> list[int]:
-    """Exactly the sampled tokens: the completion's ids plus EOS when it stopped on EOS (SPEC §1)."""
-    return list(generation.token_ids) + ([eos_token_id] if generation.ended else [])
+def completion_ids(generation: Generation) -> list[int]:
+    """Exactly the sampled tokens: the completion's ids plus the stop token when it stopped (SPEC §1)."""
+    return list(generation.token_ids) + ([generation.stop_id] if generation.ended else [])
 
 
 def check_backend(name: str) -> None:

@@ -23,7 +23,12 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
     "prompt": ("prompt",),
 }
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+COMPLETION_ROLES = ("assistant", "tool")
+# Column that marks a completion as unfinished (sampled up to a length cap, not stopped by the model):
+# ``<slot>_ended`` beside each completion column (``chosen_ended``, ``completion_ended``, ...), and
+# ``completions_ended`` (a list) beside a listwise row's ``completions``. Absent means ended.
+ENDED_SUFFIX = "_ended"
 
 
 @dataclass
@@ -41,6 +46,8 @@ class Example:
     scores: list[float] | None = None
     rewards: list[float] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    ended: list[bool] | None = None  # per slot; None means every completion ended
+    names: tuple[str, ...] = ()  # the completion columns, for messages naming the field
 
 
 def detect_format(columns: set[str] | list[str], source: str = "dataset") -> str:
@@ -93,7 +100,10 @@ def validate_row(
     if fmt in ("pairwise", "triple"):
         names = ("reference", "chosen", "rejected") if fmt == "triple" else ("chosen", "rejected")
         completions = [check_text(row[n], n, err, role="completion") for n in names]
-        example = Example(prompt, completions, index, labels=[1.0] * (len(names) - 1) + [0.0])
+        example = Example(
+            prompt, completions, index, labels=[1.0] * (len(names) - 1) + [0.0],
+            ended=check_ended(row, names, err), names=names,
+        )
         if fmt == "pairwise" and row.get("chosen_score") is not None and row.get("rejected_score") is not None:
             raw = [check_number(row[n], n, err) for n in ("chosen_score", "rejected_score")]
             example.rewards = raw
@@ -108,6 +118,8 @@ def validate_row(
                 [check_text(row["completion"], "completion", err, role="completion")],
                 index,
                 labels=[float(label)],
+                ended=check_ended(row, ("completion",), err),
+                names=("completion",),
             )
         raise err(f"label must be true or false; got {_show(label)}", "label")
     if fmt == "score":
@@ -118,9 +130,17 @@ def validate_row(
             index,
             scores=[normalize(raw, range_, "score", err)],
             rewards=[raw],
+            ended=check_ended(row, ("completion",), err),
+            names=("completion",),
         )
     if fmt == "sft":
-        return Example(prompt, [check_text(row["completion"], "completion", err, role="completion")], index)
+        return Example(
+            prompt,
+            [check_text(row["completion"], "completion", err, role="completion")],
+            index,
+            ended=check_ended(row, ("completion",), err),
+            names=("completion",),
+        )
     if fmt == "listwise":
         return _listwise(row, prompt, index, err, score_range)
     raise ValueError(f"unknown format {fmt!r}")
@@ -140,7 +160,28 @@ def _listwise(row, prompt, index, err, score_range) -> Example:
     scores = None
     if score_range is not None:
         scores = [normalize(r, tuple(score_range), f"rewards[{i}]", err) for i, r in enumerate(raw)]
-    return Example(prompt, texts, index, rewards=raw, scores=scores)
+    names = tuple(f"completions[{i}]" for i in range(len(texts)))
+    ended = None
+    flags = row.get("completions" + ENDED_SUFFIX)
+    if flags is not None:
+        if not isinstance(flags, list) or len(flags) != len(texts):
+            raise err(f"must be a list of {len(texts)} true/false values, one per completion", "completions_ended")
+        ended = [_flag(f, f"completions_ended[{i}]", err) for i, f in enumerate(flags)]
+    return Example(prompt, texts, index, rewards=raw, scores=scores, ended=ended, names=names)
+
+
+def check_ended(row: dict[str, Any], names: tuple[str, ...], err) -> list[bool] | None:
+    """The ``<slot>_ended`` flags of a row's completions, or ``None`` when the row has none (all ended)."""
+    columns = [name + ENDED_SUFFIX for name in names]
+    if all(row.get(column) is None for column in columns):
+        return None
+    return [True if row.get(column) is None else _flag(row[column], column, err) for column in columns]
+
+
+def _flag(value: Any, name: str, err) -> bool:
+    if not isinstance(value, bool):
+        raise err(f"must be true or false; got {_show(value)}", name)
+    return value
 
 
 def check_text(value: Any, name: str, err, role: str) -> Any:
@@ -179,12 +220,17 @@ def check_conversation(messages: list, name: str, err, role: str) -> None:
         check_unicode(message["content"], name, err)
         if message["role"] == "system" and i != 0:
             raise err(f"message {i} is a system message; only the first message may be one", name)
-    if role == "prompt" and messages[-1]["role"] != "user":
-        raise err("a conversation prompt must end with a user message", name)
+    if role == "prompt" and messages[-1]["role"] not in ("user", "tool"):
+        raise err("a conversation prompt must end with a user (or tool) message", name)
     if role == "completion":
-        if len(messages) != 1 or messages[0]["role"] != "assistant":
-            raise err("a conversation completion must be exactly one assistant message", name)
-        if not messages[0]["content"].strip():
+        roles = [m["role"] for m in messages]
+        if any(r not in COMPLETION_ROLES for r in roles) or roles[0] != "assistant" or roles[-1] != "assistant":
+            raise err(
+                f"a conversation completion holds assistant (and tool) messages, starting and ending with an "
+                f"assistant message; got roles {roles}",
+                name,
+            )
+        if not messages[-1]["content"].strip():
             raise err("is empty; a completion needs at least one token of text", name)
 
 

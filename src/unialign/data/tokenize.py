@@ -10,6 +10,7 @@ dropped and counted.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,23 +67,151 @@ class DropReport:
         return f"dropped {self.dropped} of {self.total} rows: " + "; ".join(parts)
 
 
+# Bump when the token ids produced for the same rows and settings change: cached tokenized datasets
+# carry it in their fingerprint, so a change here invalidates them.
+TOKENIZATION_VERSION = "2"
+
+
 def encode_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids of a prompt: chat template with the generation prompt for conversations."""
     if isinstance(prompt, list):
-        from jinja2.exceptions import TemplateError
-
-        try:
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        except TemplateError as err:  # e.g. a template that requires user/assistant alternation
-            raise DataError(f"the tokenizer's chat template refuses this conversation: {err}", field="prompt") from None
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(render(prompt, tokenizer, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_completion(completion: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a completion: the assistant text followed by EOS."""
-    text = completion[0]["content"] if isinstance(completion, list) else completion
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages``; a template that refuses them is a :class:`DataError`."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except TemplateError as err:  # e.g. a template that requires user/assistant alternation
+        raise DataError(f"the tokenizer's chat template refuses this conversation: {err}", field="prompt") from None
+    except ValueError as err:  # transformers: the tokenizer has no chat template at all
+        raise DataError(f"cannot apply a chat template: {err}", field="prompt") from None
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens, the added control tokens (``<|im_end|>``, ``<end_of_turn>``) included."""
+    # Asked for every row, so kept per tokenizer (and vocabulary size, in case tokens are added later)
+    # outside the tokenizer object: an attribute on it would change its hash, and with it dataset caches.
+    size, ids = _SPECIAL_IDS.get(tokenizer, (None, None))
+    if size != len(tokenizer):
+        added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        size, ids = len(tokenizer), frozenset(set(tokenizer.all_special_ids) | added)
+        _SPECIAL_IDS[tokenizer] = (size, ids)
+    return ids
+
+
+_SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encode_completion(
+    prompt: Any, completion: Any, tokenizer: PreTrainedTokenizerBase, ended: bool = True, name: str = "completion"
+) -> list[int]:
+    """Token ids of one completion of ``prompt`` (SPEC §1).
+
+    Conversational prompt: what the chat template renders for the completion's message(s) after the
+    generation prompt, up to and including the end-of-turn token that closes the last message; a
+    plain-string completion is one assistant message. Separators the template writes after that
+    token (ChatML's newline) are left out: generation stops at the end of turn, so the model never
+    produces them. Plain-string prompt: the text followed by EOS (TRL's rule). An unfinished
+    completion (``ended=False``) gets no terminator.
+
+    Raises:
+        DataError: when the template does not render the prompt as the start of prompt + completion
+            (the completion's tokens would then be undefined), or a conversational completion
+            follows a plain-string prompt.
+    """
+    if not isinstance(prompt, list):
+        if isinstance(completion, list):
+            raise DataError("a conversational completion needs a conversational prompt (a list of messages)",
+                            field=name)
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return ids + [tokenizer.eos_token_id] if ended else ids
+    messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    head = render(prompt, tokenizer, add_generation_prompt=True)
+    try:
+        full = render(prompt + messages, tokenizer, add_generation_prompt=False)
+    except DataError as err:
+        raise DataError(err.problem, field=name) from None
+    if not full.startswith(head):
+        at = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+        raise DataError(
+            "the chat template renders the prompt differently when the completion follows it (they differ at "
+            f"character {at}: {head[at:at + 30]!r} vs {full[at:at + 30]!r}), so the completion's tokens are not "
+            "defined; use a template that renders a conversation's start the same way in both cases",
+            field=name,
+        )
+    ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+    return end_of_turn(ids, tokenizer, ended)
+
+
+def end_of_turn(ids: list[int], tokenizer: PreTrainedTokenizerBase, ended: bool) -> list[int]:
+    """Cut a rendered completion after its end-of-turn token (``ended``) or before it (unfinished).
+
+    The end of turn is the first special token of the trailing run of special and blank tokens
+    (``<|im_end|>`` of ``…<|im_end|>\\n``, ``<|end|>`` of Phi-3's ``…<|end|>\\n<|endoftext|>``). A
+    template that closes a turn with no special token gets EOS appended, as a plain-string row would.
+    """
+    special = special_ids(tokenizer)
+    cut = len(ids)
+    while cut > 0 and (ids[cut - 1] in special or not tokenizer.decode([ids[cut - 1]]).strip()):
+        cut -= 1
+    terminator = next((i for i in range(cut, len(ids)) if ids[i] in special), None)
+    if terminator is None:
+        return ids[:cut] + [tokenizer.eos_token_id] if ended else ids[:cut]
+    return ids[: terminator + 1] if ended else ids[:terminator]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end a generated answer: EOS and the chat template's end of turn (``<|eot_id|>``, ...)."""
+    ids = [tokenizer.eos_token_id]
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "user", "content": "Hi"}]
+        try:
+            rendered = encode_completion(probe, "Hello", tokenizer)
+        except DataError:
+            return ids
+        if rendered and rendered[-1] in special_ids(tokenizer) and rendered[-1] not in ids:
+            ids.append(rendered[-1])
+    return ids
+
+
+def encode_prompt_capped(prompt: Any, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None) -> list[int]:
+    """:func:`encode_prompt`, cut to ``max_prompt_length`` tokens.
+
+    A plain-string prompt keeps its last tokens. A conversation keeps the template's structure (its
+    header, every role marker and the generation prompt) and loses text from the start of its
+    earliest non-system messages instead, so a capped prompt still begins with the template's own
+    first tokens (RAO's shared first token) and ends with the generation prompt.
+
+    Raises:
+        PromptTooLong: when the template's structure alone is longer than ``max_prompt_length``.
+    """
+    ids = encode_prompt(prompt, tokenizer)
+    if max_prompt_length is None or len(ids) <= max_prompt_length:
+        return ids
+    if not isinstance(prompt, list):
+        return ids[-max_prompt_length:]
+    messages = [dict(m) for m in prompt]
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        content = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
+        # Re-render after each cut: the template may trim or re-tokenize at the new boundary.
+        while content:
+            excess = len(ids) - max_prompt_length
+            content = content[min(len(content), max(excess, 1)) :]
+            message["content"] = tokenizer.decode(content)
+            ids = encode_prompt(messages, tokenizer)
+            if len(ids) <= max_prompt_length:
+                return ids
+    raise PromptTooLong(
+        f"the chat template's own tokens take {len(ids)} tokens with every message emptied, "
+        f"over max_prompt_length={max_prompt_length}",
+        field="prompt",
+    )
 
 
 def tokenize_example(
@@ -91,19 +220,28 @@ def tokenize_example(
     """Tokenize and truncate one validated row.
 
     Raises:
-        DataError: when the prompt alone leaves no room for a completion token (a counted drop).
+        PromptTooLong: when the prompt alone leaves no room for a completion token (a counted drop).
+        DataError: when a field cannot be tokenized as the format and template require.
     """
-    prompt_ids = encode_prompt(example.prompt, tokenizer)
+    try:
+        prompt_ids = encode_prompt_capped(example.prompt, tokenizer, max_prompt_length)
+    except DataError as err:
+        raise type(err)(err.problem, row=example.row, field=err.field) from None
     if not prompt_ids:
         raise DataError("tokenizes to no tokens; a prompt needs at least one", row=example.row, field="prompt")
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[-max_prompt_length:]
     budget = max_length - len(prompt_ids)
     if budget < 1:
         raise PromptTooLong(
             f"prompt alone has {len(prompt_ids)} tokens, over max_length={max_length}", row=example.row, field="prompt"
         )
-    completions = [encode_completion(c, tokenizer)[:budget] for c in example.completions]
+    names = example.names or tuple(f"completions[{i}]" for i in range(len(example.completions)))
+    ended = example.ended or [True] * len(example.completions)
+    completions = []
+    for completion, name, done in zip(example.completions, names, ended):
+        try:
+            completions.append(encode_completion(example.prompt, completion, tokenizer, done, name)[:budget])
+        except DataError as err:
+            raise DataError(err.problem, row=example.row, field=err.field) from None
     return TokenizedExample(
         prompt_ids, completions, example.row, labels=example.labels, scores=example.scores, rewards=example.rewards
     )

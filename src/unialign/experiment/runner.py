@@ -483,8 +483,10 @@ def reference_generations(base_model: str, prompts: list, settings: dict[str, An
 
     if cache.is_file():
         stored = json.loads(cache.read_text(encoding="utf-8"))
-        if stored.get("num_prompts") == len(prompts):
-            gens = [Generation(g["text"], list(g["token_ids"]), bool(g["ended"])) for g in stored["generations"]]
+        # Caches written before generations recorded their stop token are made again.
+        if stored.get("num_prompts") == len(prompts) and all("stop_id" in g for g in stored["generations"]):
+            gens = [Generation(g["text"], list(g["token_ids"]), bool(g["ended"]), g["stop_id"])
+                    for g in stored["generations"]]
             return gens, [float(g["reward"]) for g in stored["generations"]]
     model = _cached("model", base_model, lambda: load_model(base_model).eval())
     tokenizer = _cached("tokenizer", base_model, lambda: load_tokenizer(base_model))
@@ -494,7 +496,8 @@ def reference_generations(base_model: str, prompts: list, settings: dict[str, An
     write_json_atomic(cache, {
         "num_prompts": len(prompts),
         "settings": settings,
-        "generations": [{"text": g.text, "token_ids": g.token_ids, "ended": g.ended, "reward": r}
+        "generations": [{"text": g.text, "token_ids": g.token_ids, "ended": g.ended, "stop_id": g.stop_id,
+                         "reward": r}
                         for g, r in zip(gens, rewards)],
     })
     return gens, rewards

@@ -20,7 +20,7 @@ from unialign.data.collate import pad_sequences
 from unialign.data.errors import DataError, PromptTooLong
 from unialign.data.formats import detect_format, validate_row
 from unialign.data.io import read_rows
-from unialign.data.tokenize import DropReport, encode_prompt
+from unialign.data.tokenize import DropReport, encode_prompt_capped
 from unialign.losses.registry import Method, check_format
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def prepare_prompts(source: str, cfg, method: Method, tokenizer, split: str = "t
     """Read a dataset's prompts and tokenize them once.
 
     Any dataset with a ``prompt`` column works (its other columns are ignored); ``bundled`` means the
-    bundled prompts. Prompts keep their last ``max_prompt_length`` tokens when that is set; a prompt
+    bundled prompts. Prompts longer than ``max_prompt_length`` are cut as in offline training (the template's
+    structure kept, the oldest text cut); a prompt
     that leaves less than ``max_completion_length`` tokens of ``max_length`` is dropped and counted.
     """
     if source == "bundled":
@@ -78,11 +79,9 @@ def prepare_prompts(source: str, cfg, method: Method, tokenizer, split: str = "t
     for index, row in enumerate(rows):
         try:
             example = validate_row(row, "prompt", index, source)
-            ids = encode_prompt(example.prompt, tokenizer)
+            ids = encode_prompt_capped(example.prompt, tokenizer, cfg.max_prompt_length)
             if not ids:
                 raise DataError("tokenizes to no tokens; a prompt needs at least one", field="prompt")
-            if cfg.max_prompt_length is not None:
-                ids = ids[-cfg.max_prompt_length :]
             if len(ids) > budget:
                 raise PromptTooLong(
                     f"prompt alone has {len(ids)} tokens, over max_length={cfg.max_length} minus "

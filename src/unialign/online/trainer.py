@@ -139,7 +139,6 @@ class OnlineUnaTrainer(UnialignTrainer):
         cfg = self.args
         records = [self.prompts[i] for i in indices]
         tokenizer = self.processing_class
-        eos = tokenizer.eos_token_id
         k = cfg.num_generations
 
         start = time.perf_counter()
@@ -167,7 +166,7 @@ class OnlineUnaTrainer(UnialignTrainer):
             moments=self.moments,
         )
         sequences = rollout_sequences(
-            [r.prompt_ids for r in records], [[completion_ids(g, eos) for g in group] for group in groups],
+            [r.prompt_ids for r in records], [[completion_ids(g) for g in group] for group in groups],
             tokenizer.pad_token_id,
         )
         batch = self._prepare_inputs(sequences)
@@ -228,11 +227,10 @@ class OnlineUnaTrainer(UnialignTrainer):
         groups = generate_from_ids(policy, self.processing_class, [r.prompt_ids for r in self.eval_prompts], greedy)
         samples = [group[0] for group in groups]
         rewards = torch.tensor(self.reward([r.prompt for r in self.eval_prompts], [g.text for g in samples]))
-        eos = self.processing_class.eos_token_id
         metrics = {
             f"{metric_key_prefix}_reward": rewards.mean().item(),
             f"{metric_key_prefix}_reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            f"{metric_key_prefix}_completion_length": sum(len(completion_ids(g, eos)) for g in samples) / len(samples),
+            f"{metric_key_prefix}_completion_length": sum(len(completion_ids(g)) for g in samples) / len(samples),
             f"{metric_key_prefix}_eos_fraction": sum(g.ended for g in samples) / len(samples),
         }
         self.log(metrics)

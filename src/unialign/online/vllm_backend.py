@@ -17,7 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
-from unialign.generation import Generation, GenerationConfig
+from unialign.data.tokenize import stop_token_ids
+from unialign.generation import Generation, GenerationConfig, to_generation
 from unialign.trainer import unwrap_peft
 
 
@@ -110,25 +111,27 @@ class VLLMGenerator:
         """``config.num_return_sequences`` samples per prompt, as :class:`Generation` lists in prompt order."""
         from vllm import SamplingParams
 
+        stops = stop_token_ids(tokenizer)
         params = SamplingParams(
             n=config.num_return_sequences,
             temperature=config.temperature,
             top_p=config.top_p,
             max_tokens=config.max_new_tokens,
             repetition_penalty=1.0 if config.repetition_penalty is None else config.repetition_penalty,
-            stop_token_ids=[tokenizer.eos_token_id],
+            stop_token_ids=stops,
             seed=config.seed,
         )
         outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
-        eos = tokenizer.eos_token_id
-        groups = []
-        for output in outputs:
-            group = []
-            for sample in output.outputs:
-                ids = list(sample.token_ids)
-                ended = sample.finish_reason == "stop"  # EOS is the only stop condition set above
-                if ended and ids and ids[-1] == eos:  # the token list may or may not carry the EOS itself
-                    ids = ids[:-1]
-                group.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, ended))
-            groups.append(group)
-        return groups
+        return [[to_generation(_with_stop(sample, stops, tokenizer), tokenizer, stops) for sample in output.outputs]
+                for output in outputs]
+
+
+def _with_stop(sample, stops: list[int], tokenizer) -> list[int]:
+    """A vLLM sample's ids ending in the stop token it stopped on: vLLM may or may not list that token.
+
+    ``stop_reason`` is the stop token's id for ``stop_token_ids`` and ``None`` for the model's own EOS.
+    """
+    ids = list(sample.token_ids)
+    if sample.finish_reason == "stop" and not any(t in stops for t in ids):
+        ids.append(sample.stop_reason if isinstance(sample.stop_reason, int) else tokenizer.eos_token_id)
+    return ids

@@ -62,7 +62,7 @@ class RewardModel(RewardSource):
             prompt = prompt_text(prompt)  # no template: the plain text of the last user turn
         elif isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        return encode_prompt(prompt, self.tokenizer) + encode_completion(completion, self.tokenizer)
+        return encode_prompt(prompt, self.tokenizer) + encode_completion(prompt, completion, self.tokenizer)
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
