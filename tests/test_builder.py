@@ -46,6 +46,13 @@ def test_builder_writes_every_format_and_resumes(tiny_model_dir, tmp_path, monke
     assert test_ids == {f"p{i}" for i in range(6) if in_heldout(f"p{i}", 0.5)}
     for fmt in ("pairwise", "binary", "score", "triple", "sft", "prompt"):
         assert (tmp_path / f"{fmt}.train.jsonl").exists()
+    # Whether each sample ended travels from the raw file into every split and derived format.
+    ended = {r["id"]: r["ended"] for r in read_rows(str(tmp_path / "listwise.all.jsonl"))}
+    shipped = read_rows(str(tmp_path / "listwise.train.jsonl")) + read_rows(str(tmp_path / "listwise.test.jsonl"))
+    assert {r["id"]: r["completions_ended"] for r in shipped} == ended
+    assert not all(flag for flags in ended.values() for flag in flags)  # 6 new tokens of a random model rarely end
+    for row in read_rows(str(tmp_path / "pairwise.train.jsonl")):
+        assert isinstance(row["chosen_ended"], bool) and isinstance(row["rejected_ended"], bool)
 
 
 def test_heldout_split_is_stable_and_near_the_fraction():

@@ -294,3 +294,36 @@ def test_inputs_are_not_modified():
     for fmt in ("listwise", "pairwise", "binary", "score", "triple", "sft", "prompt"):
         convert(rows, to=fmt)
     assert repr(rows) == snapshot
+
+
+ENDED_ROWS = [{"prompt": "p", "completions": ["a", "bb", "ccc", "dddd"], "rewards": [0.4, 0.9, 0.1, 0.6],
+               "completions_ended": [True, False, True, False]}]
+
+
+def test_listwise_converters_carry_which_completions_ended():
+    pair = listwise_to_pairwise(ENDED_ROWS).rows[0]
+    assert [pair[k] for k in ("chosen", "chosen_ended", "rejected", "rejected_ended")] == ["bb", False, "ccc", True]
+    triple = listwise_to_triple(ENDED_ROWS).rows[0]
+    assert [triple[f"{s}_ended"] for s in ("reference", "chosen", "rejected")] == [False, False, True]
+    assert [(r["completion"], r["completion_ended"]) for r in listwise_to_binary(ENDED_ROWS).rows] == [
+        ("bb", False), ("ccc", True)]
+    assert [r["completion_ended"] for r in listwise_to_score(ENDED_ROWS).rows] == [True, False, True, False]
+    assert listwise_to_sft(ENDED_ROWS).rows[0]["completion_ended"] is False
+    by_threshold = convert(ENDED_ROWS, to="binary", mode="threshold", threshold=0.5).rows
+    assert [(r["label"], r["completion_ended"]) for r in by_threshold] == [
+        (False, True), (True, False), (False, True), (True, False)]
+
+
+def test_pairwise_converters_carry_the_flags_and_rows_without_them_gain_no_column():
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "rejected_ended": False},
+             {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    binary = convert(pairs, to="binary").rows
+    assert [r.get("completion_ended") for r in binary] == [None, False, None, None]
+    assert "completion_ended" not in binary[0]
+    assert all("chosen_ended" not in r for r in listwise_to_pairwise([{**ENDED_ROWS[0], "completions_ended": None}]))
+
+
+@pytest.mark.parametrize("flags", [[True, False], "yes", [True, False, 1, True]])
+def test_a_malformed_completions_ended_is_an_error_naming_the_field(flags):
+    with pytest.raises(DataError, match="row 1, field 'completions_ended': expected a list of 4 true/false values"):
+        listwise_to_pairwise([{**ENDED_ROWS[0], "completions_ended": flags}])

@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from unialign.data.converters import convert
+from unialign.data.converters import LISTWISE_ENDED, convert
 from unialign.data.io import read_rows, write_rows
 from unialign.generation import GenerationConfig, generate
 from unialign.rewards.base import RewardSource
@@ -92,6 +92,17 @@ def build_dataset(
     return write_splits(read_rows(str(raw_path)), out, heldout_fraction, reward.bounds)
 
 
+def listwise_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A shipped listwise row: id, prompt, completions, rewards and, where a sample hit the length cap,
+    ``completions_ended`` (the raw file calls it ``ended``), so that tokenization gives
+    unfinished samples no terminator."""
+    record = {k: row[k] for k in ("id", "prompt", "completions", "rewards")}
+    ended = row.get("ended", row.get(LISTWISE_ENDED))
+    if ended is not None:
+        record[LISTWISE_ENDED] = [bool(e) for e in ended]
+    return record
+
+
 def write_splits(
     rows: list[dict[str, Any]], out: Path, heldout_fraction: float, bounds: tuple[float, float] | None
 ) -> dict[str, int]:
@@ -103,7 +114,7 @@ def write_splits(
         logger.warning("reward source has no bounds; score format uses the observed range %s", bounds)
     for split in ("train", "test"):
         part = [r for r in rows if in_heldout(r["id"], heldout_fraction) == (split == "test")]
-        listwise = [{k: r[k] for k in ("id", "prompt", "completions", "rewards")} for r in part]
+        listwise = [listwise_record(r) for r in part]
         write_rows(listwise, out / f"listwise.{split}.jsonl")
         counts[f"listwise.{split}"] = len(listwise)
         for fmt in DERIVED_FORMATS:

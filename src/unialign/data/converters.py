@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unialign.data.errors import DataError
+from unialign.data.formats import ENDED_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ Row = dict[str, Any]
 
 FORMATS = ("listwise", "pairwise", "binary", "score", "triple", "sft", "prompt")
 SOURCES = ("ultrafeedback", "helpsteer2") + FORMATS
+LISTWISE_ENDED = "completions" + ENDED_SUFFIX
 HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence")
 UF_SCORE_RANGES = {"fine-grained_score": (1.0, 5.0), "overall_score": (1.0, 10.0)}
 
@@ -107,7 +109,7 @@ def _number(value: Any, i: int, name: str, bounds: tuple[float, float] | None = 
 
 
 def _listwise_row(row: Row, i: int) -> tuple[Any, list, list[float]]:
-    """Validated (prompt, completions, rewards) of a listwise row."""
+    """Validated (prompt, completions, rewards) of a listwise row (its ``completions_ended`` checked too)."""
     prompt = _text(row, i, "prompt")
     completions, rewards = _require(row, i, "completions"), _require(row, i, "rewards")
     if not isinstance(completions, list):
@@ -119,7 +121,27 @@ def _listwise_row(row: Row, i: int) -> tuple[Any, list, list[float]]:
     for j, c in enumerate(completions):
         _text({f"completions[{j}]": c}, i, f"completions[{j}]")
     rewards = [_number(r, i, f"rewards[{j}]") for j, r in enumerate(rewards)]
+    ended = row.get(LISTWISE_ENDED)
+    if ended is not None and (not isinstance(ended, list) or len(ended) != len(completions)
+                              or not all(isinstance(e, bool) for e in ended)):
+        raise DataError(f"expected a list of {len(completions)} true/false values", row=i, field=LISTWISE_ENDED)
     return prompt, completions, rewards
+
+
+def _slots(row: Row, named: dict[str, int]) -> Row:
+    """Output columns for listwise completions picked by index: ``{slot: text}`` plus ``{slot}_ended``
+    where the listwise row says which completions ended, so an unfinished completion stays marked."""
+    ended = row.get(LISTWISE_ENDED)
+    out = {name: row["completions"][j] for name, j in named.items()}
+    if ended is not None:
+        out.update({name + ENDED_SUFFIX: ended[j] for name, j in named.items()})
+    return out
+
+
+def _carry(row: Row, source: str, target: str) -> Row:
+    """Copy ``{source}_ended`` to ``{target}_ended`` when present (pairwise -> binary / sft)."""
+    flag = row.get(source + ENDED_SUFFIX)
+    return {} if flag is None else {target + ENDED_SUFFIX: flag}
 
 
 def _ranking(rewards: list[float]) -> list[int]:
@@ -254,7 +276,7 @@ def listwise_to_pairwise(rows: list[Row], mode: str = "best_vs_worst", seed: int
             dropped["all rewards tied"] += 1
             continue
         worst = lower[-1] if mode == "best_vs_worst" else lower[rng.randrange(len(lower))]
-        out.append({"prompt": prompt, "chosen": completions[best], "rejected": completions[worst],
+        out.append({"prompt": prompt, **_slots(row, {"chosen": best, "rejected": worst}),
                     "chosen_score": rewards[best], "rejected_score": rewards[worst]})
     return _finish(out, "listwise", "pairwise", dropped)
 
@@ -273,15 +295,12 @@ def listwise_to_binary(rows: list[Row], mode: str = "best_worst", threshold: flo
         raise DataError("mode='threshold' needs a threshold")
     if mode == "best_worst":
         pairs = listwise_to_pairwise(rows, "best_vs_worst")
-        out = [r for p in pairs.rows for r in (
-            {"prompt": p["prompt"], "completion": p["chosen"], "label": True},
-            {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
-        return _finish(out, "listwise", "binary", pairs.dropped)
+        return _finish(_pairs_to_binary(pairs.rows), "listwise", "binary", pairs.dropped)
     out = []
     for i, row in enumerate(rows):
         prompt, completions, rewards = _listwise_row(row, i)
-        out += [{"prompt": prompt, "completion": c, "label": bool(r >= threshold)}
-                for c, r in zip(completions, rewards)]
+        out += [{"prompt": prompt, **_slots(row, {"completion": j}), "label": bool(r >= threshold)}
+                for j, r in enumerate(rewards)]
     return _finish(out, "listwise", "binary", Counter())
 
 
@@ -297,12 +316,12 @@ def listwise_to_score(rows: list[Row], reward_range: tuple[float, float] | None 
     out = []
     for i, row in enumerate(rows):
         prompt, completions, rewards = _listwise_row(row, i)
-        for j, (c, r) in enumerate(zip(completions, rewards)):
+        for j, r in enumerate(rewards):
             if not lo <= r <= hi:
                 hint = "" if reward_range is not None else "; pass reward_range=(lo, hi) to normalize"
                 raise DataError(f"reward {r} is outside the range [{lo}, {hi}]{hint}", row=i,
                                 field=f"rewards[{j}]")
-            out.append({"prompt": prompt, "completion": c, "score": (r - lo) / (hi - lo)})
+            out.append({"prompt": prompt, **_slots(row, {"completion": j}), "score": (r - lo) / (hi - lo)})
     return _finish(out, "listwise", "score", Counter(), (0.0, 1.0))
 
 
@@ -329,8 +348,7 @@ def listwise_to_triple(rows: list[Row]) -> ConversionResult:
         if rewards[chosen] == rewards[rejected]:
             dropped["chosen and rejected tied"] += 1
             continue
-        out.append({"prompt": prompt, "reference": completions[ref], "chosen": completions[chosen],
-                    "rejected": completions[rejected]})
+        out.append({"prompt": prompt, **_slots(row, {"reference": ref, "chosen": chosen, "rejected": rejected})})
     return _finish(out, "listwise", "triple", dropped)
 
 
@@ -342,7 +360,7 @@ def listwise_to_sft(rows: list[Row]) -> ConversionResult:
         if not completions:
             dropped["no completions"] += 1
             continue
-        out.append({"prompt": prompt, "completion": completions[_ranking(rewards)[0]]})
+        out.append({"prompt": prompt, **_slots(row, {"completion": _ranking(rewards)[0]})})
     return _finish(out, "listwise", "sft", dropped)
 
 
@@ -389,16 +407,20 @@ def _validate(rows: list[Row], fmt: str) -> None:
 def pairwise_to_binary(rows: list[Row]) -> ConversionResult:
     """Pairwise -> binary: chosen with label True, rejected with label False (two rows per pair)."""
     _validate(rows, "pairwise")
-    out = [r for p in rows for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
-                                     {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
-    return _finish(out, "pairwise", "binary", Counter())
+    return _finish(_pairs_to_binary(rows), "pairwise", "binary", Counter())
+
+
+def _pairs_to_binary(rows: list[Row]) -> list[Row]:
+    return [r for p in rows for r in (
+        {"prompt": p["prompt"], "completion": p["chosen"], "label": True, **_carry(p, "chosen", "completion")},
+        {"prompt": p["prompt"], "completion": p["rejected"], "label": False, **_carry(p, "rejected", "completion")})]
 
 
 def pairwise_to_sft(rows: list[Row]) -> ConversionResult:
     """Pairwise -> SFT rows with the chosen completion."""
     _validate(rows, "pairwise")
-    return _finish([{"prompt": p["prompt"], "completion": p["chosen"]} for p in rows],
-                   "pairwise", "sft", Counter())
+    return _finish([{"prompt": p["prompt"], "completion": p["chosen"], **_carry(p, "chosen", "completion")}
+                    for p in rows], "pairwise", "sft", Counter())
 
 
 # ------------------------------------------------------------------------------------ entry point
