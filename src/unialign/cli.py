@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--reward", default="offline", help="offline | callable:module:function | reward-model:PATH")
     build.add_argument("--k", type=int, default=4, help="completions per prompt")
     build.add_argument("--out", required=True, help="output folder (re-running resumes)")
-    build.add_argument("--max-new-tokens", type=int, default=96)
+    build.add_argument("--max-new-tokens", type=int, default=256)
     build.add_argument("--temperature", type=float, default=0.9)
     build.add_argument("--top-p", type=float, default=0.95)
     build.add_argument("--heldout", type=float, default=0.2, help="fraction of prompts held out (by prompt)")

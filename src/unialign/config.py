@@ -10,6 +10,9 @@ defaults for (``beta``, ``learning_rate``, ...) stay ``None`` until the method f
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,46 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ratio_base": ("reference", "rollout"),
     "generation_backend": ("transformers", "vllm"),
 }
+
+# Numeric keys and the values they may take: (lowest, lowest allowed itself?, highest, highest allowed itself?).
+# None leaves that side open. Checked after method defaults are filled in.
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "beta": (0.0, False, None, False),
+    "learning_rate": (0.0, False, None, False),
+    "max_length": (1, True, None, False),
+    "max_prompt_length": (1, True, None, False),
+    "label_smoothing": (0.0, True, 0.5, False),
+    "alpha": (0.0, True, None, False),
+    "gamma": (0.0, True, None, False),
+    "reward_scale": (0.0, False, None, False),
+    "desirable_weight": (0.0, False, None, False),
+    "undesirable_weight": (0.0, False, None, False),
+    "rm_margin": (0.0, True, None, False),
+    "lora_r": (1, True, None, False),
+    "lora_alpha": (0.0, False, None, False),
+    "lora_dropout": (0.0, True, 1.0, False),
+    "logprob_chunk_size": (1, True, None, False),
+    "num_generations": (1, True, None, False),
+    "max_completion_length": (1, True, None, False),
+    "temperature": (0.0, True, None, False),
+    "top_p": (0.0, False, 1.0, True),
+    "num_iterations": (1, True, None, False),
+    "vllm_gpu_memory_utilization": (0.0, False, 1.0, True),
+    "per_device_train_batch_size": (1, True, None, False),
+    "per_device_eval_batch_size": (1, True, None, False),
+    "gradient_accumulation_steps": (1, True, None, False),
+    "num_train_epochs": (0.0, True, None, False),
+    "weight_decay": (0.0, True, None, False),
+    "max_grad_norm": (0.0, True, None, False),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that is of the wrong type, out of range or inconsistent; names the key (and its file)."""
+
+    def __init__(self, key: str, problem: str, origin: str | None = None):
+        self.key, self.problem, self.origin = key, problem, origin
+        super().__init__(f"{origin}: config key {key!r} {problem}" if origin else f"config key {key!r} {problem}")
 
 
 @dataclass
@@ -166,6 +209,10 @@ class UnialignConfig(TrainingArguments):
     output_dir: str | None = None
 
     def __post_init__(self):
+        hints = _type_hints()
+        for name in config_fields():
+            if name in hints:
+                setattr(self, name, coerce(name, getattr(self, name), hints[name]))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -195,7 +242,94 @@ class UnialignConfig(TrainingArguments):
             )
         if self.score_range is not None and (len(self.score_range) != 2 or self.score_range[0] >= self.score_range[1]):
             raise ValueError(f"config key 'score_range' must be [low, high] with low < high, got {self.score_range}")
+        for name, bounds in RANGES.items():
+            check_range(name, getattr(self, name), bounds)
+        if self.max_steps <= 0 and self.num_train_epochs == 0:
+            raise ConfigError("num_train_epochs", "is 0 and max_steps is not set: the run would train 0 steps")
         super().__post_init__()
+
+
+def _type_hints() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(UnialignConfig)
+    return _HINTS
+
+
+_HINTS: dict[str, Any] | None = None
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the declared type of ``key``, or a :class:`ConfigError` naming key and value.
+
+    Numbers written as strings (``"1e-5"``: YAML reads an exponent without a dot as text) become
+    numbers; booleans must be booleans or one of true/false, yes/no, on/off; a ``None`` is allowed
+    only where the key's type allows it. Types this does not know (enums, dicts) are passed on to
+    ``TrainingArguments``, which checks them itself.
+    """
+    members = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ConfigError(key, f"must be set; got null (expected {_type_name(members)})")
+    known = [m for m in members if m in (bool, int, float, str) or typing.get_origin(m) is list]
+    if len(known) < len([m for m in members if m is not type(None)]):
+        return value  # a type outside the simple ones: TrainingArguments validates it
+    for member in known:  # an exact match first: "str | bool" keeps a string a string
+        if member is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _finite(key, float(value))
+        if member is not float and type(value) is member:
+            return value
+        if typing.get_origin(member) is list and isinstance(value, list):
+            (item,) = typing.get_args(member)
+            return [coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    for member in known:
+        converted = _convert(value, member)
+        if converted is not None:
+            return _finite(key, converted) if isinstance(converted, float) else converted
+    raise ConfigError(key, f"must be {_type_name(members)}; got {value!r}")
+
+
+def _convert(value: Any, member: Any) -> Any:
+    """A lossless conversion of ``value`` to ``member``, or None."""
+    if member is bool and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    if member in (int, float) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if member is float else (int(number) if number.is_integer() else None)
+    if member is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if typing.get_origin(member) is list and isinstance(value, (tuple, str)) and typing.get_args(member) == (str,):
+        return [value] if isinstance(value, str) else list(value)
+    return None
+
+
+def _finite(key: str, number: float) -> float:
+    if not math.isfinite(number):
+        raise ConfigError(key, f"must be a finite number; got {number}")
+    return number
+
+
+def _type_name(members: tuple) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", type(None): "null"}
+    return " or ".join(names.get(m, "a list" if typing.get_origin(m) is list else getattr(m, "__name__", str(m)))
+                       for m in members)
+
+
+def check_range(key: str, value: Any, bounds: tuple[float | None, bool, float | None, bool]) -> None:
+    """Refuse a number outside its key's range (see :data:`RANGES`); ``None`` (unset) passes."""
+    if value is None:
+        return
+    low, low_ok, high, high_ok = bounds
+    if low is not None and (value < low or (value == low and not low_ok)):
+        raise ConfigError(key, f"must be {'>=' if low_ok else '>'} {low}; got {value}")
+    if high is not None and (value > high or (value == high and not high_ok)):
+        raise ConfigError(key, f"must be {'<=' if high_ok else '<'} {high}; got {value}")
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -212,6 +346,7 @@ def load_config(
     resolved against the file's folder, so a config works from any working directory.
     """
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         with open(path, encoding="utf-8") as handle:
@@ -222,11 +357,17 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(loaded).__name__}")
         values.update(_resolve_paths(loaded, path.parent))
+        origins.update(dict.fromkeys(loaded, str(path)))
     if isinstance(overrides, dict):
         values.update(overrides)
+        for key in overrides:
+            origins.pop(key, None)
     elif overrides:
         values.update(parse_overrides(overrides))
+        origins.update(dict.fromkeys(parse_overrides(overrides), "command line"))
     values.update(kwargs)
+    for key in kwargs:
+        origins.pop(key, None)
     known = config_fields()
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -234,7 +375,13 @@ def load_config(
         raise ValueError(
             f"unknown config key {unknown[0]!r}{hint}" + (f" (also unknown: {unknown[1:]})" if unknown[1:] else "")
         )
-    return UnialignConfig(**values)
+    try:
+        return UnialignConfig(**values)
+    except ConfigError as err:
+        key = err.key.split("[")[0]
+        if err.origin is None and key in origins:
+            raise ConfigError(err.key, err.problem, origins[key]) from None
+        raise
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -15,17 +15,31 @@ from unialign.data.io import read_jsonl
 
 BUILD_COMMAND = (
     "unialign data build --prompts src/unialign/data/bundled/prompts.jsonl --model smollm2-135m-instruct "
-    "--reward offline --k 4 --max-new-tokens 96 --temperature 0.9 --top-p 0.95 --heldout 0.2 --seed 0 "
-    "--batch-prompts 48 --out build/bundled"
+    "--reward offline --k 4 --max-new-tokens 256 --temperature 0.9 --top-p 0.95 --heldout 0.2 --seed 0 "
+    "--batch-prompts 32 --out build/bundled"
 )
 
 
+# The derived formats whose slots the card reports the ended fraction of.
+SLOT_FORMATS = {
+    "pairwise": ("chosen", "rejected"),
+    "triple": ("reference", "chosen", "rejected"),
+    "sft": ("completion",),
+}
+
+
 def dataset_statistics(folder: Path = FOLDER) -> dict:
-    """Counts, score distribution, best-vs-worst gaps and lengths per split."""
+    """Counts, score distribution, best-vs-worst gaps, lengths and ended fractions per split."""
+    from unialign.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
     categories = {row["id"]: row.get("category", "?") for row in read_jsonl(folder / "prompts.jsonl")}
     stats = {}
     for split in ("train", "test"):
         rows = read_jsonl(folder / f"listwise.{split}.jsonl")
+        texts = [c for row in rows for c in row["completions"]]
+        tokens = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        ended = [e for row in rows for e in row.get("completions_ended", [True] * len(row["completions"]))]
         rewards = [r for row in rows for r in row["rewards"]]
         gaps = [max(row["rewards"]) - min(row["rewards"]) for row in rows]
         words = [len(c.split()) for row in rows for c in row["completions"]]
@@ -42,8 +56,25 @@ def dataset_statistics(folder: Path = FOLDER) -> dict:
             "mean_best_minus_worst": statistics.fmean(gaps),
             "words_mean": statistics.fmean(words),
             "words_median": statistics.median(words),
+            "token_quantiles": [tokens[int(q * (len(tokens) - 1))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)] + [tokens[-1]],
+            "ended": sum(ended) / len(ended),
+            "slot_ended": slot_ended_fractions(rows),
         }
     return stats
+
+
+def slot_ended_fractions(rows: list[dict]) -> dict[str, float]:
+    """``format.slot`` -> the fraction of that slot's completions that ended, over the derived rows."""
+    from unialign.data.converters import convert
+
+    listwise = [{k: v for k, v in row.items() if k != "id"} for row in rows]
+    fractions = {}
+    for fmt, slots in SLOT_FORMATS.items():
+        derived = convert(listwise, to=fmt).rows
+        for slot in slots:
+            flags = [row.get(slot + "_ended", True) for row in derived]
+            fractions[f"{fmt}.{slot}"] = sum(flags) / len(flags)
+    return fractions
 
 
 def histogram(values: list[float], bins: int = 10) -> list[int]:
@@ -66,7 +97,10 @@ def render_card(stats: dict) -> str:
         "`make_prompts.py`). Each prompt was sent as one user turn through SmolLM2-135M-Instruct's chat template; "
         "4 completions were sampled from the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and scored "
         f"by the offline judge (`{OfflineJudge.version}`, HelpSteer2-style attributes combined into [0, 1]). "
-        "The split is by prompt (a hash of the prompt id, 20% held out), so no held-out prompt appears in training.",
+        "The split is by prompt (a hash of the prompt id, 20% held out), so no held-out prompt appears in training. "
+        "Samples were capped at 256 new tokens; `completions_ended` marks each completion that stopped on its own "
+        "(false = cut at the cap), and the derived formats carry it as `<slot>_ended`, so tokenization gives a "
+        "cut-off completion no end-of-turn token.",
         "",
         "Only the listwise rows ship; `unialign.data.load_bundled(format, split)` derives pairwise (best vs worst), "
         "binary (best = desirable, worst = undesirable), score (reward as score in [0, 1]), triple (1st = reference, "
@@ -87,6 +121,9 @@ def render_card(stats: dict) -> str:
         ("best beats worst by > 0.1", "best_beats_worst_by_0.1", "{:.1%}"),
         ("mean best − worst", "mean_best_minus_worst", "{:.3f}"),
         ("completion words (mean / median)", None, None),
+        ("completion tokens (p10 / p25 / median / p75 / p90 / max)", "token_quantiles", None),
+        ("completions that ended (not cut at the cap)", "ended", "{:.1%}"),
+        *[(f"ended: {name}", name, "{:.1%}") for name in stats["train"]["slot_ended"]],
         ("categories", "categories", None),
     ]
     for label, key, fmt in rows:
@@ -99,6 +136,10 @@ def render_card(stats: dict) -> str:
                 cells.append(f"{s['words_mean']:.1f} / {s['words_median']:.0f}")
             elif key == "reward_quartiles":
                 cells.append(" / ".join(f"{q:.3f}" for q in s[key]))
+            elif key == "token_quantiles":
+                cells.append(" / ".join(str(q) for q in s[key]))
+            elif label.startswith("ended: "):
+                cells.append(fmt.format(s["slot_ended"][key]))
             elif key == "categories":
                 cells.append(", ".join(f"{k} {v}" for k, v in sorted(s[key].items())))
             else:
