@@ -81,6 +81,13 @@ class UnialignConfig(TrainingArguments):
     center_rewards_coefficient: float | None = None
     # --- reference
     precompute_ref_log_probs: bool = False
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "switch off every dropout in the policy and the reference (modules, attention dropout, LoRA "
+            "dropout), so that the policy at step 0 equals its reference"
+        },
+    )
     # --- LoRA
     use_peft: bool = False
     lora_r: int = 16
