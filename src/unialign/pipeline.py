@@ -72,7 +72,7 @@ def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, sp
         on_bad_row=cfg.on_bad_row,
         score_range=cfg.score_range,
     )
-    if method.needs_prompt_logps:
+    if method.needs_shared_first_token:
         check_shared_first_token(examples, source, tokenizer)
     if method.targets_from == "scores":
         check_scores(examples, fmt, source, method)
@@ -187,7 +187,7 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
         overrides: config keys that replace the file's values.
     """
     cfg = _as_config(config, overrides)
-    method = get_method(cfg.loss_type)
+    method = get_method(cfg.loss_type).for_config(cfg)
     if method.online:  # sample-score-update methods (docs/online.md) run their own loop
         from unialign.online import train_online
 
