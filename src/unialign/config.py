@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -34,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward_normalization": ("none", "running", "range"),
     "ratio_base": ("reference", "rollout"),
     "generation_backend": ("transformers", "vllm"),
+    "orpo_nll_scope": ORPO_NLL_SCOPES,
 }
 
 
@@ -79,6 +81,10 @@ class UnialignConfig(TrainingArguments):
     undesirable_weight: float = 1.0
     rm_margin: float = 0.0
     center_rewards_coefficient: float | None = None
+    orpo_nll_scope: str = field(
+        default=ORPO_NLL_SCOPES[0],
+        metadata={"help": "prompt_and_completion (the ORPO paper's and TRL's NLL) or completion (the chosen only)"},
+    )
     # --- reference
     precompute_ref_log_probs: bool = False
     disable_dropout: bool = field(
