@@ -152,6 +152,65 @@ def test_rao_prompt_term_matches_direct_prompt_logps(tiny_model_dir, tmp_path):
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
+def _padded(sequences: list[list[int]], masked: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask and Hugging Face labels (−100 on padding and the first ``masked`` tokens)."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id)
+    labels = torch.full((len(sequences), width), -100)
+    for i, (seq, cut) in enumerate(zip(sequences, masked)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, cut : len(seq)] = torch.tensor(seq[cut:])
+    attention = torch.arange(width) < torch.tensor([len(s) for s in sequences])[:, None]
+    return ids, attention, labels
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+@pytest.mark.parametrize("scope", ["prompt_and_completion", "completion"])
+def test_orpo_logged_nll_is_the_cross_entropy_of_its_scope(scope, prefix_sharing, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # One micro-batch holds all four rows, so the first logged nll_loss is over the whole dataset.
+    result = _train(unialign.losses.get_method("orpo"), tiny_model_dir, tmp_path, max_steps=1,
+                    orpo_nll_scope=scope, prefix_sharing=prefix_sharing)
+    examples = result.trainer.train_dataset
+    first = _losses(tmp_path)[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    sequences = [e.prompt_ids + e.completion_ids[0] for e in examples]
+    masked = [0 if scope == "prompt_and_completion" else len(e.prompt_ids) for e in examples]
+    ids, attention, labels = _padded(sequences, masked, result.trainer.processing_class.pad_token_id)
+    with torch.no_grad():  # labels-style: shifted, mean over every labelled token of the batch
+        expected = model(input_ids=ids, attention_mask=attention.long(), labels=labels).loss
+    assert first["nll_loss"] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_orpo_default_loss_matches_trl_orpo(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    trl_orpo = pytest.importorskip("trl.experimental.orpo")
+    result = _train(unialign.losses.get_method("orpo"), tiny_model_dir, tmp_path, max_steps=1)
+    examples, pad = result.trainer.train_dataset, result.trainer.processing_class.pad_token_id
+    first = _losses(tmp_path)[0]
+    batch = {}
+    for slot, name in enumerate(("chosen", "rejected")):
+        sequences = [e.prompt_ids + e.completion_ids[slot] for e in examples]
+        ids, attention, labels = _padded(sequences, [len(e.prompt_ids) for e in examples], pad)
+        batch |= {f"{name}_input_ids": ids, f"{name}_attention_mask": attention.long(), f"{name}_labels": labels}
+    trainer = trl_orpo.ORPOTrainer
+    stub = SimpleNamespace(
+        concatenated_inputs=trainer.concatenated_inputs, get_batch_logps=trainer.get_batch_logps,
+        is_encoder_decoder=False, padding_value=pad, aux_loss_enabled=False, beta=0.1,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        chosen, rejected, _, _, nll = trainer.concatenated_forward(stub, model, batch)
+        odds = trainer.odds_ratio_loss(stub, chosen, rejected)[0]
+    assert first["nll_loss"] == pytest.approx(nll.item(), abs=1e-5)
+    assert first["loss"] == pytest.approx((nll - odds.mean()).item(), abs=1e-5)
+
+
 def test_kto_kl_pairs_never_share_a_prompt(tokenizer):
     from unialign.data.tokenize import attach_kl_pairs, tokenize_rows
 

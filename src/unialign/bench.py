@@ -204,7 +204,7 @@ def prepare_examples(method: str, cfg: BenchConfig, tokenizer) -> list:
     from unialign.pipeline import prepare_data
 
     ucfg = UnialignConfig(loss_type=method, output_dir=tempfile.mkdtemp(), max_length=cfg.max_length, report_to=[])
-    data = prepare_data(METHODS[method]["data"], ucfg, get_method(method), tokenizer)
+    data = prepare_data(METHODS[method]["data"], ucfg, get_method(method).for_config(ucfg), tokenizer)
     need = cfg.batch_size * (cfg.warmup + cfg.steps + cfg.memory_steps)
     return [data.examples[i % len(data.examples)] for i in range(need)]
 
@@ -264,7 +264,6 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
     from unialign.losses.registry import get_method
     from unialign.trainer import UnialignTrainer
 
-    spec = get_method(method)
     options = LIBRARIES[library]
     args = UnialignConfig(
         loss_type=method,
@@ -278,6 +277,7 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
         **METHODS[method]["params"],
         **options,
     )
+    spec = get_method(method).for_config(args)
     collator = PreferenceCollator(
         tokenizer.pad_token_id,
         max(len(e.completion_ids) for e in examples),

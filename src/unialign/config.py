@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward_normalization": ("none", "running", "range"),
     "ratio_base": ("reference", "rollout"),
     "generation_backend": ("transformers", "vllm"),
+    "orpo_nll_scope": ORPO_NLL_SCOPES,
 }
 
 # Numeric keys and the values they may take: (lowest, lowest allowed itself?, highest, highest allowed itself?).
@@ -122,8 +124,19 @@ class UnialignConfig(TrainingArguments):
     undesirable_weight: float = 1.0
     rm_margin: float = 0.0
     center_rewards_coefficient: float | None = None
+    orpo_nll_scope: str = field(
+        default=ORPO_NLL_SCOPES[0],
+        metadata={"help": "prompt_and_completion (the ORPO paper's and TRL's NLL) or completion (the chosen only)"},
+    )
     # --- reference
     precompute_ref_log_probs: bool = False
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "switch off every dropout in the policy and the reference (modules, attention dropout, LoRA "
+            "dropout), so that the policy at step 0 equals its reference"
+        },
+    )
     # --- LoRA
     use_peft: bool = False
     lora_r: int = 16

@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -167,6 +168,62 @@ def apply_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type, bias="none"
     )
     return get_peft_model(model, config)
+
+
+_DROPOUT_MODULES = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def _is_dropout_probability(name: str, value) -> bool:
+    # GPT-2-style configs spell their dropouts attn_pdrop, resid_pdrop, embd_pdrop.
+    return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop"))
+
+
+def _zero_dropout_attributes(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if _is_dropout_probability(name, value):
+            setattr(obj, name, 0.0)
+
+
+def _configs(config, seen: set[int]):
+    """``config`` and the sub-configs it holds (``text_config``, ...), each once."""
+    if not isinstance(config, PreTrainedConfig) or id(config) in seen:
+        return
+    seen.add(id(config))
+    yield config
+    for value in list(vars(config).values()):
+        yield from _configs(value, seen)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Switch off every dropout of ``model``, so that a forward in training mode is deterministic.
+
+    TRL's ``disable_dropout`` sets ``p = 0`` on every ``nn.Dropout``; that misses dropout applied
+    functionally, so three kinds are zeroed here:
+
+    - dropout modules (``nn.Dropout`` and its variants), which includes peft's ``lora_dropout``;
+    - float attributes of any module named like a dropout probability (``*dropout*``, ``*pdrop``):
+      Llama's and Qwen2's attention copy ``config.attention_dropout`` into ``self.attention_dropout``
+      and pass it to SDPA as ``dropout_p`` in training mode;
+    - the same attributes of the model's configs, which some models (Falcon, GPT-J, Persimmon) read
+      at every forward. The saved ``config.json`` then records the dropout the model trained with, 0.
+
+    With these at 0, a training-mode forward equals an eval-mode one, so the policy at step 0 and a
+    reference in eval mode (a separate copy, or the policy with its adapters disabled) agree exactly.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            module.p = 0.0
+        _zero_dropout_attributes(module)
+        for config in _configs(getattr(module, "config", None), seen):
+            _zero_dropout_attributes(config)
 
 
 def repeated_blocks(model) -> list:

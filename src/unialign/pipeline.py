@@ -26,7 +26,7 @@ from unialign.data.formats import detect_format
 from unialign.data.io import read_rows
 from unialign.data.tokenize import DropReport, TokenizedExample, attach_kl_pairs, tokenize_rows
 from unialign.losses.registry import Method, check_format, get_method
-from unialign.models import apply_lora, load_model, load_tokenizer
+from unialign.models import apply_lora, disable_dropout, load_model, load_tokenizer
 from unialign.trainer import UnialignTrainer
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, sp
         on_bad_row=cfg.on_bad_row,
         score_range=cfg.score_range,
     )
-    if method.needs_prompt_logps:
+    if method.needs_shared_first_token:
         check_shared_first_token(examples, source, tokenizer)
     if method.targets_from == "scores":
         check_scores(examples, fmt, source, method)
@@ -126,6 +126,9 @@ def check_shared_first_token(examples: list[TokenizedExample], source: str, toke
 def build_models(cfg: UnialignConfig, method: Method):
     """Policy (with LoRA when asked) and, when needed and not provided by adapters, a frozen reference.
 
+    With ``cfg.disable_dropout`` (the default) every dropout of both is switched off, after LoRA is
+    applied so that the adapters' dropout is included (:func:`unialign.models.disable_dropout`).
+
     Seeds every RNG with ``cfg.seed`` first: fresh LoRA adapters and a reward model's new score head
     are random, and without this their values would depend on whatever ran before in the process.
     """
@@ -157,6 +160,10 @@ def build_models(cfg: UnialignConfig, method: Method):
             trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
         )
+    if cfg.disable_dropout:
+        for model in (policy, reference):
+            if model is not None:
+                disable_dropout(model)
     return policy, reference
 
 
@@ -180,7 +187,7 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
         overrides: config keys that replace the file's values.
     """
     cfg = _as_config(config, overrides)
-    method = get_method(cfg.loss_type)
+    method = get_method(cfg.loss_type).for_config(cfg)
     if method.online:  # sample-score-update methods (docs/online.md) run their own loop
         from unialign.online import train_online
 

@@ -3,7 +3,8 @@
 A :class:`~unialign.losses.registry.Method` declares what its loss reads; this trainer computes
 exactly that: policy log-probs always, reference log-probs only when ``needs_reference`` (from a
 frozen model, the PEFT base with adapters disabled, or values precomputed into the dataset),
-prompt log-probs only for RAO, mismatched pairs only for KTO.
+prompt log-probs only for the methods that read them (RAO, ORPO over prompt and completion),
+mismatched pairs only for KTO.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ class UnialignTrainer(Trainer):
             targets=self._targets(batch),
             rewards=batch.get("rewards"),
             prompt_logps=policy.get("prompt"),
+            prompt_lengths=policy.get("prompt_len"),
             kl_logps=policy.get("kl"),
         )
         if self.method.needs_reference:
@@ -282,6 +284,7 @@ class UnialignTrainer(Trainer):
         out = {"seq": seq, "len": length.float()}
         if "prompt_target_mask" in batch:
             out["prompt"] = (values * batch["prompt_target_mask"]).sum(-1)[batch["prompt_seq"]]
+            out["prompt_len"] = batch["prompt_target_mask"].sum(-1)[batch["prompt_seq"]].float()
         if "kl_seq" in batch:
             out["kl"] = seq[batch["kl_seq"]]
         return out
@@ -348,6 +351,7 @@ class UnialignTrainer(Trainer):
         out = {"seq": seq, "len": length}
         if "prompt_target_mask" in packed:
             out["prompt"] = (values * packed["prompt_target_mask"]).sum(-1)
+            out["prompt_len"] = packed["prompt_target_mask"].sum(-1).float()
         if "kl_seq" in batch:
             out["kl"] = seq[batch["kl_seq"]]
         return out

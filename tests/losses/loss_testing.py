@@ -22,6 +22,7 @@ CONFIG_DEFAULTS = {
     "undesirable_weight": 1.0,
     "rm_margin": 0.0,
     "center_rewards_coefficient": None,
+    "orpo_nll_scope": "prompt_and_completion",
 }
 
 

@@ -73,7 +73,7 @@ PAIRWISE_CASES = {
         for i in ROWS)),
     "cpo": ({"beta": 0.1, "alpha": 1.0}, lambda: mean(
         -logsig(0.1 * (POLICY[i][0] - POLICY[i][1])) for i in ROWS) + nll_chosen()),
-    "orpo": ({"beta": 0.1}, lambda: nll_chosen() - 0.1 * mean(
+    "orpo": ({"beta": 0.1, "orpo_nll_scope": "completion"}, lambda: nll_chosen() - 0.1 * mean(
         logsig(expected_log_odds(avg(i, 0)) - expected_log_odds(avg(i, 1))) for i in ROWS)),
     "sft": ({}, nll_chosen),
 }
@@ -303,9 +303,53 @@ def test_reward_model_value_and_gradient(margin, center):
     assert out.metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)
 
 
+# Two rows: chosen/rejected completion log-probs and lengths, and each prompt's log-prob after its
+# first token over its length − 1 tokens.
+ORPO_POLICY, ORPO_LENGTHS = [[-2.0, -3.0], [-4.0, -6.0]], [[2, 3], [4, 3]]
+ORPO_PROMPT, ORPO_PROMPT_LENGTHS = [-3.0, -5.0], [3.0, 1.0]
+
+
+def orpo_inputs(with_prompt: bool = True):
+    extra = {"prompt_logps": torch.tensor(ORPO_PROMPT, dtype=torch.float64, requires_grad=True),
+             "prompt_lengths": torch.tensor(ORPO_PROMPT_LENGTHS, dtype=torch.float64)} if with_prompt else {}
+    return make_inputs(ORPO_POLICY, ORPO_LENGTHS, **extra)
+
+
+def orpo_odds_term() -> float:
+    # avg_w = (−1, −1), avg_l = (−1, −2): row 1 has log odds ratio 0, so its term is β·ln 2.
+    second = expected_log_odds(-1.0) - expected_log_odds(-2.0)
+    return -0.1 * mean([logsig(0.0), logsig(second)])
+
+
+@pytest.mark.parametrize("scope,nll", [
+    # (2 + 4 + 3 + 5) / (2 + 4 + 3 + 1): every chosen and prompt token after the first weighs the same
+    ("prompt_and_completion", 14 / 10),
+    ("completion", 6 / 6),  # (2 + 4) / (2 + 4)
+])
+def test_orpo_nll_scope_by_hand(scope, nll):
+    inputs = orpo_inputs()
+    out = run("orpo", inputs, beta=0.1, orpo_nll_scope=scope)
+    assert out.metrics["nll_loss"].item() == pytest.approx(nll, abs=1e-12)
+    assert out.loss.item() == pytest.approx(nll + orpo_odds_term(), abs=1e-12)
+    out.loss.backward()
+    prompt_grad = inputs.prompt_logps.grad
+    if scope == "completion":
+        assert prompt_grad is None  # the prompt does not enter this loss
+    else:
+        assert torch.equal(prompt_grad, torch.full((2,), -1 / 10, dtype=torch.float64))
+
+
+def test_orpo_default_scope_covers_the_prompt_and_needs_its_logps():
+    assert run("orpo", orpo_inputs(), beta=0.1).metrics["nll_loss"].item() == pytest.approx(1.4)
+    with pytest.raises(ValueError, match="needs prompt log-probs"):
+        run("orpo", orpo_inputs(with_prompt=False), beta=0.1)
+    with pytest.raises(ValueError, match="orpo_nll_scope must be one of prompt_and_completion, completion"):
+        run("orpo", orpo_inputs(), beta=0.1, orpo_nll_scope="prompt")
+
+
 def test_orpo_log_odds_is_stable_near_zero():
     inputs = make_inputs([[-1e-9, -30.0]], [[10, 10]])
-    out = run("orpo", inputs, beta=0.1)
+    out = run("orpo", inputs, beta=0.1, orpo_nll_scope="completion")
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(inputs.policy_logps.grad).all()

@@ -7,6 +7,8 @@ import pytest
 from unialign.losses import all_methods, check_format, get_method
 from unialign.losses.base import SLOTS
 
+from .loss_testing import make_cfg
+
 SPEC_METHODS = {
     "una_pair", "una_binary", "una_score", "una_reward", "rao", "tpo", "tpo_l",
     "dpo", "ipo", "hinge", "cal_dpo", "rpo_nll", "distill", "kto", "simpo", "cpo", "orpo", "sft",
@@ -24,7 +26,8 @@ def test_every_spec_method_is_registered():
 def test_method_declarations(name):
     method = get_method(name)
     assert method.needs_reference == (name not in REFERENCE_FREE)
-    assert method.needs_prompt_logps == (name == "rao")
+    assert method.needs_prompt_logps == (name in ("rao", "orpo"))  # orpo: for its default NLL scope
+    assert method.needs_shared_first_token == (name == "rao")
     assert method.needs_kl_pairs == (name == "kto")
     assert method.model_kind == ("sequence_classifier" if name == "reward_model" else "causal_lm")
     assert set(method.formats) <= set(SLOTS)
@@ -82,3 +85,15 @@ def test_targets_are_requested_where_used():
     assert get_method("kto").targets_from == "labels"
     assert get_method("una_score").targets_from == "scores"
     assert get_method("dpo").targets_from is None
+
+
+@pytest.mark.parametrize("scope,needs_prompt", [("prompt_and_completion", True), ("completion", False)])
+def test_orpo_needs_prompt_logps_only_for_an_nll_over_the_prompt(scope, needs_prompt):
+    method = get_method("orpo").for_config(make_cfg(orpo_nll_scope=scope))
+    assert method.needs_prompt_logps is needs_prompt
+    assert not method.needs_shared_first_token  # unlike RAO, ORPO's prompts may start with any token
+
+
+def test_methods_without_config_dependent_needs_are_their_own_declaration():
+    dpo = get_method("dpo")
+    assert dpo.for_config(make_cfg()) is dpo

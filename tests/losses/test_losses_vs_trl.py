@@ -186,7 +186,7 @@ def test_orpo_odds_ratio_term_matches_trl():
     losses, chosen_rewards, _, log_odds_ratio, log_odds_chosen = ORPOTrainer.odds_ratio_loss(
         stub, avg[:, 0], avg[:, 1])
     inputs = MethodInputs(policy_logps=policy, lengths=lengths, completion_mask=torch.ones(B, 2, dtype=torch.bool))
-    got = get_method("orpo").loss(inputs, make_cfg(beta=0.1))
+    got = get_method("orpo").loss(inputs, make_cfg(beta=0.1, orpo_nll_scope="completion"))
     odds_term = got.loss - inputs.nll(0)
     assert odds_term.item() == pytest.approx(-losses.mean().item(), abs=1e-6)
     assert got.metrics["log_odds_ratio"].item() == pytest.approx(log_odds_ratio.item(), abs=1e-6)

@@ -39,7 +39,8 @@ class MethodInputs:
         targets: per-slot explicit feedback in [0, 1] (binary labels or normalized scores).
         rewards: per-slot explicit rewards, unnormalized (reward models, judges, RAO, distill).
         prompt_logps / ref_prompt_logps: ``(B,)`` summed log-probs of the prompt tokens after the
-            shared first token ``t0`` (RAO's prefix-consistency term).
+            first one (RAO's prefix-consistency term, where that token ``t0`` is shared; ORPO's NLL).
+        prompt_lengths: ``(B,)`` how many prompt tokens ``prompt_logps`` sums (prompt length − 1).
         kl_logps / ref_kl_logps: ``(B,)`` log-probs of mismatched (prompt, completion) pairs for
             KTO's KL estimate.
         rm_rewards: ``(B, K)`` scalar outputs of a sequence-classification head (reward-model training).
@@ -53,6 +54,7 @@ class MethodInputs:
     rewards: Tensor | None = None
     prompt_logps: Tensor | None = None
     ref_prompt_logps: Tensor | None = None
+    prompt_lengths: Tensor | None = None
     kl_logps: Tensor | None = None
     ref_kl_logps: Tensor | None = None
     rm_rewards: Tensor | None = None
@@ -75,15 +77,22 @@ class MethodInputs:
             raise ValueError("this method declared no reference, so log-ratios are unavailable")
         return self.policy_logps - self.ref_logps
 
-    def nll(self, slot: int) -> Tensor:
+    def nll(self, slot: int, with_prompt: bool = False) -> Tensor:
         """Token-mean negative log-likelihood of one slot over the whole micro-batch.
 
         ``−Σ_rows logp(y_slot) / Σ_rows |y_slot|``: every completion token of that slot weighs the
-        same, as in a plain SFT cross-entropy over the micro-batch.
+        same, as in a plain SFT cross-entropy over the micro-batch. With ``with_prompt`` the prompt
+        tokens after the first join in, under the same convention (one token, one weight):
+        ``−Σ_rows (logp(x̃) + logp(y_slot)) / Σ_rows (|x| − 1 + |y_slot|)``, the cross-entropy of
+        Hugging Face ``labels`` over the whole sequence ``x + y_slot``.
         """
         mask = self.completion_mask[:, slot]
-        tokens = self.lengths[:, slot][mask].sum().clamp(min=1)
-        return -self.policy_logps[:, slot][mask].sum() / tokens
+        logps, tokens = self.policy_logps[:, slot], self.lengths[:, slot]
+        if with_prompt:
+            if self.prompt_logps is None or self.prompt_lengths is None:
+                raise ValueError("an NLL over the prompt needs prompt log-probs; the method declared none")
+            logps, tokens = logps + self.prompt_logps, tokens + self.prompt_lengths
+        return -logps[mask].sum() / tokens[mask].sum().clamp(min=1)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Reference-free pairwise baselines: SimPO, CPO and ORPO. No reference model is loaded.
 
 Slots: ``0 = chosen (y_w)``, ``1 = rejected (y_l)``. ``NLL(y_w)`` is the token-mean cross-entropy
-over all chosen-completion tokens of the micro-batch (:meth:`MethodInputs.nll`).
+over all chosen-completion tokens of the micro-batch (:meth:`MethodInputs.nll`); ORPO's NLL also
+covers the prompt tokens after the first by default (``orpo_nll_scope``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def orpo_log_odds_ratio(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor) ->
     return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
 
 
+# ``orpo_nll_scope`` values (the config checks against this tuple): the first is the default.
+ORPO_NLL_SCOPES = ("prompt_and_completion", "completion")
+
+
 def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float) -> Tensor:
     """Per-row ORPO odds-ratio term (Hong et al. 2024, Eq. 6–7): ``−λ·log σ(log odds ratio)``, λ = β.
 
@@ -72,12 +77,30 @@ def cpo(inputs: MethodInputs, cfg) -> LossOutput:
     return LossOutput(preference + cfg.alpha * nll, metrics)
 
 
+def orpo_nll(inputs: MethodInputs, scope: str) -> Tensor:
+    """ORPO's NLL term on the chosen slot, token-mean over the micro-batch (:meth:`MethodInputs.nll`).
+
+    ``prompt_and_completion`` (the default): ``−Σ_rows (logp(x̃) + logp(y_w)) / Σ_rows (|x| − 1 + |y_w|)``
+    with ``x̃`` the prompt after its first token, i.e. the cross-entropy of every token of ``x + y_w``
+    that has a token before it. That is the loss of Hong et al. 2024, "ORPO: Monolithic Preference
+    Optimization without Reference Model" (arXiv:2403.07691), as the authors' code and TRL compute
+    it. ``completion``: ``−Σ_rows logp(y_w) / Σ_rows |y_w|``, the completion-only SFT form.
+    """
+    if scope not in ORPO_NLL_SCOPES:
+        raise ValueError(f"orpo_nll_scope must be one of {', '.join(ORPO_NLL_SCOPES)}, got {scope!r}")
+    return inputs.nll(0, with_prompt=scope == "prompt_and_completion")
+
+
 def orpo(inputs: MethodInputs, cfg) -> LossOutput:
-    """ORPO on pairwise rows: ``NLL(y_w) − λ·log σ(log odds(avg_w) − log odds(avg_l))``, λ = ``cfg.beta``."""
+    """ORPO on pairwise rows: ``NLL − λ·log σ(log odds(avg_w) − log odds(avg_l))``, λ = ``cfg.beta``.
+
+    The NLL's tokens are chosen by ``cfg.orpo_nll_scope`` (:func:`orpo_nll`); the odds use the
+    completions' average log-probs only.
+    """
     avg = inputs.avg_logps
     odds_term = orpo_loss(avg[:, 0], avg[:, 1], cfg.beta).mean()
     ratio = orpo_log_odds_ratio(avg[:, 0].detach(), avg[:, 1].detach())
-    nll = inputs.nll(0)
+    nll = orpo_nll(inputs, cfg.orpo_nll_scope)
     metrics = pair_metrics(cfg.beta * avg[:, 0], cfg.beta * avg[:, 1]) | logp_metrics(inputs)
     metrics |= {
         "nll_loss": nll.detach(),
@@ -101,9 +124,14 @@ register(Method(
     defaults={"beta": 0.1, "alpha": 1.0, "learning_rate": 1e-6},
 ))
 
+def _orpo_needs(cfg) -> dict[str, bool]:
+    return {"needs_prompt_logps": cfg.orpo_nll_scope == "prompt_and_completion"}
+
+
 register(Method(
-    name="orpo", loss=orpo, formats=("pairwise",), needs_reference=False,
-    summary="ORPO: NLL(y_w) plus beta times an odds-ratio penalty on per-token log-probs",
+    name="orpo", loss=orpo, formats=("pairwise",), needs_reference=False, needs_prompt_logps=True,
+    summary="ORPO: NLL of prompt and chosen (or the chosen only) plus beta times an odds-ratio penalty",
     paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model",
     defaults={"beta": 0.1, "learning_rate": 1e-6},
+    config_needs=_orpo_needs,
 ))

@@ -6,6 +6,8 @@ and computes exactly the declared inputs, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,10 @@ class Method:
         loss: pure loss function ``(MethodInputs, config) -> LossOutput``.
         formats: feedback formats the method can train on (SPEC §2), first one preferred.
         needs_reference: whether reference log-probs are computed (never loaded otherwise).
-        needs_prompt_logps: whether prompt log-probs after the first token are computed (RAO).
+        needs_prompt_logps: whether prompt log-probs after the first token are computed (RAO; ORPO's
+            NLL over prompt and completion).
+        needs_shared_first_token: whether every prompt must start with the same token ``t0`` (RAO's
+            prefix consistency); checked when the data is prepared.
         needs_kl_pairs: whether mismatched (prompt, completion) pairs are scored (KTO).
         model_kind: ``causal_lm`` or ``sequence_classifier`` (reward-model training).
         online: whether the method samples its own completions during training (``pipeline.train``
@@ -29,6 +34,8 @@ class Method:
         targets_from: which per-slot feedback fills ``MethodInputs.targets``: ``labels`` (1 preferred /
             0 not) or ``scores`` (normalized explicit scores, labels when a row has none); ``None``: no targets.
         defaults: the papers' hyperparameters, applied where the config leaves a field unset.
+        config_needs: for a method whose needs depend on config keys, ``cfg -> {field: value}`` giving
+            them; :meth:`for_config` applies it. The declared fields hold the needs of the defaults.
         summary: one line for ``unialign methods`` and the docs.
         paper: where the formula comes from.
     """
@@ -40,11 +47,19 @@ class Method:
     summary: str
     paper: str
     needs_prompt_logps: bool = False
+    needs_shared_first_token: bool = False
     needs_kl_pairs: bool = False
     model_kind: str = "causal_lm"
     online: bool = False
     targets_from: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    config_needs: Callable[[Any], dict[str, Any]] | None = None
+
+    def for_config(self, cfg) -> Method:
+        """This method as one config trains it: the needs that depend on config keys, resolved."""
+        if self.config_needs is None:
+            return self
+        return dataclasses.replace(self, **self.config_needs(cfg))
 
 
 # How to obtain a format another method needs, for the "wrong format" error.

@@ -309,7 +309,7 @@ def train_online(cfg, reward: RewardSource | None = None):
     from unialign.models import load_tokenizer
     from unialign.pipeline import MetricsFileCallback, build_models, run_training
 
-    method = get_method(cfg.loss_type)
+    method = get_method(cfg.loss_type).for_config(cfg)
     if cfg.dataset is None:
         raise ValueError("config key 'dataset' is not set: give a file or 'bundled' with a `prompt` column")
     if reward is None and cfg.reward is None:
