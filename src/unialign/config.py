@@ -45,7 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # None leaves that side open. Checked after method defaults are filled in.
 RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "beta": (0.0, False, None, False),
-    "learning_rate": (0.0, False, None, False),
+    "learning_rate": (0.0, True, None, False),
     "max_length": (1, True, None, False),
     "max_prompt_length": (1, True, None, False),
     "label_smoothing": (0.0, True, 0.5, False),
@@ -110,6 +110,13 @@ class UnialignConfig(TrainingArguments):
     )
     score_range: list[float] | None = field(
         default=None, metadata={"help": "[low, high] of the score column, e.g. [0, 4]"}
+    )
+    split_special_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "tokenize special-token text inside the data (a literal <|im_end|>) as text; false: as "
+            "control tokens, for data that embeds template markers on purpose"
+        },
     )
     # --- method hyperparameters (None = the method's paper default)
     beta: float | None = None

@@ -71,6 +71,7 @@ def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, sp
         source=source,
         on_bad_row=cfg.on_bad_row,
         score_range=cfg.score_range,
+        split_special_tokens=cfg.split_special_tokens,
     )
     if method.needs_shared_first_token:
         check_shared_first_token(examples, source, tokenizer)

@@ -10,6 +10,7 @@ dropped and counted.
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,11 +73,63 @@ class DropReport:
 TOKENIZATION_VERSION = "2"
 
 
-def encode_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a prompt: chat template with the generation prompt for conversations."""
+def encode_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase, split_special_tokens: bool = True) -> list[int]:
+    """Token ids of a prompt: chat template with the generation prompt for conversations.
+
+    With ``split_special_tokens`` (the default) a special token's text inside the data (a user who
+    writes ``<|im_end|>``) is tokenized as plain text; only the template's own markers are control tokens.
+    """
     if isinstance(prompt, list):
-        return tokenizer(render(prompt, tokenizer, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        shield = Shield(tokenizer, split_special_tokens)
+        return shield.encode(render(shield.messages(prompt), tokenizer, add_generation_prompt=True))
+    return tokenizer(prompt, add_special_tokens=True, split_special_tokens=split_special_tokens)["input_ids"]
+
+
+class Shield:
+    """Keeps special-token text inside message contents from becoming control tokens.
+
+    Each such occurrence is swapped for a private-use placeholder before the template renders, and
+    the placeholder is tokenized as the original text afterwards (``split_special_tokens``), so the
+    template's own markers stay control tokens. Rows without such text take the plain path unchanged.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, active: bool = True):
+        self.tokenizer, self.active, self.table = tokenizer, active, []
+        self.pattern = _special_pattern(tokenizer) if active else None
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        """``messages`` with special-token text in their contents replaced by placeholders."""
+        if self.pattern is None or not any(self.pattern.search(m.get("content") or "") for m in messages):
+            return messages
+        return [{**m, "content": self.pattern.sub(self._hold, m["content"])} if m.get("content") else m
+                for m in messages]
+
+    def _hold(self, match) -> str:
+        self.table.append(match.group(0))
+        return f"{_OPEN}{len(self.table) - 1}{_CLOSE}"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered ``text``, each placeholder as its original text."""
+        if not self.table:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = []
+        for index, piece in enumerate(_PLACEHOLDER.split(text)):
+            if index % 2:
+                ids += self.tokenizer(self.table[int(piece)], add_special_tokens=False, split_special_tokens=True)[
+                    "input_ids"
+                ]
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def _special_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
+    texts = sorted(tokenizer.convert_ids_to_tokens(sorted(special_ids(tokenizer))), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in texts if t))
 
 
 def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> str:
@@ -107,7 +160,12 @@ _SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def encode_completion(
-    prompt: Any, completion: Any, tokenizer: PreTrainedTokenizerBase, ended: bool = True, name: str = "completion"
+    prompt: Any,
+    completion: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    ended: bool = True,
+    name: str = "completion",
+    split_special_tokens: bool = True,
 ) -> list[int]:
     """Token ids of one completion of ``prompt`` (SPEC §1).
 
@@ -116,7 +174,7 @@ def encode_completion(
     plain-string completion is one assistant message. Separators the template writes after that
     token (ChatML's newline) are left out: generation stops at the end of turn, so the model never
     produces them. Plain-string prompt: the text followed by EOS (TRL's rule). An unfinished
-    completion (``ended=False``) gets no terminator.
+    completion (``ended=False``) gets no terminator. ``split_special_tokens``: as :func:`encode_prompt`.
 
     Raises:
         DataError: when the template does not render the prompt as the start of prompt + completion
@@ -127,9 +185,11 @@ def encode_completion(
         if isinstance(completion, list):
             raise DataError("a conversational completion needs a conversational prompt (a list of messages)",
                             field=name)
-        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
         return ids + [tokenizer.eos_token_id] if ended else ids
     messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    shield = Shield(tokenizer, split_special_tokens)
+    prompt, messages = shield.messages(prompt), shield.messages(messages)
     head = render(prompt, tokenizer, add_generation_prompt=True)
     try:
         full = render(prompt + messages, tokenizer, add_generation_prompt=False)
@@ -143,8 +203,7 @@ def encode_completion(
             "defined; use a template that renders a conversation's start the same way in both cases",
             field=name,
         )
-    ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
-    return end_of_turn(ids, tokenizer, ended)
+    return end_of_turn(shield.encode(full[len(head) :]), tokenizer, ended)
 
 
 def end_of_turn(ids: list[int], tokenizer: PreTrainedTokenizerBase, ended: bool) -> list[int]:
@@ -178,7 +237,9 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def encode_prompt_capped(prompt: Any, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None) -> list[int]:
+def encode_prompt_capped(
+    prompt: Any, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None, split_special_tokens: bool = True
+) -> list[int]:
     """:func:`encode_prompt`, cut to ``max_prompt_length`` tokens.
 
     A plain-string prompt keeps its last tokens. A conversation keeps the template's structure (its
@@ -189,7 +250,7 @@ def encode_prompt_capped(prompt: Any, tokenizer: PreTrainedTokenizerBase, max_pr
     Raises:
         PromptTooLong: when the template's structure alone is longer than ``max_prompt_length``.
     """
-    ids = encode_prompt(prompt, tokenizer)
+    ids = encode_prompt(prompt, tokenizer, split_special_tokens)
     if max_prompt_length is None or len(ids) <= max_prompt_length:
         return ids
     if not isinstance(prompt, list):
@@ -198,13 +259,15 @@ def encode_prompt_capped(prompt: Any, tokenizer: PreTrainedTokenizerBase, max_pr
     for message in messages:
         if message["role"] == "system":
             continue
-        content = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
+        content = tokenizer(message["content"], add_special_tokens=False, split_special_tokens=split_special_tokens)[
+            "input_ids"
+        ]
         # Re-render after each cut: the template may trim or re-tokenize at the new boundary.
         while content:
             excess = len(ids) - max_prompt_length
             content = content[min(len(content), max(excess, 1)) :]
             message["content"] = tokenizer.decode(content)
-            ids = encode_prompt(messages, tokenizer)
+            ids = encode_prompt(messages, tokenizer, split_special_tokens)
             if len(ids) <= max_prompt_length:
                 return ids
     raise PromptTooLong(
@@ -215,16 +278,20 @@ def encode_prompt_capped(prompt: Any, tokenizer: PreTrainedTokenizerBase, max_pr
 
 
 def tokenize_example(
-    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int | None
+    example: Example,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    split_special_tokens: bool = True,
 ) -> TokenizedExample:
-    """Tokenize and truncate one validated row.
+    """Tokenize and truncate one validated row (``split_special_tokens``: see :func:`encode_prompt`).
 
     Raises:
         PromptTooLong: when the prompt alone leaves no room for a completion token (a counted drop).
         DataError: when a field cannot be tokenized as the format and template require.
     """
     try:
-        prompt_ids = encode_prompt_capped(example.prompt, tokenizer, max_prompt_length)
+        prompt_ids = encode_prompt_capped(example.prompt, tokenizer, max_prompt_length, split_special_tokens)
     except DataError as err:
         raise type(err)(err.problem, row=example.row, field=err.field) from None
     if not prompt_ids:
@@ -239,7 +306,8 @@ def tokenize_example(
     completions = []
     for completion, name, done in zip(example.completions, names, ended):
         try:
-            completions.append(encode_completion(example.prompt, completion, tokenizer, done, name)[:budget])
+            ids = encode_completion(example.prompt, completion, tokenizer, done, name, split_special_tokens)
+            completions.append(ids[:budget])
         except DataError as err:
             raise DataError(err.problem, row=example.row, field=err.field) from None
     return TokenizedExample(
@@ -257,6 +325,7 @@ def tokenize_rows(
     source: str = "dataset",
     on_bad_row: str = "error",
     score_range: tuple[float, float] | None = None,
+    split_special_tokens: bool = True,
 ) -> tuple[list[TokenizedExample], DropReport]:
     """Validate and tokenize every row.
 
@@ -268,7 +337,7 @@ def tokenize_rows(
     for index, row in enumerate(rows):
         try:
             example = validate_row(row, fmt, index, source, score_range)
-            examples.append(tokenize_example(example, tokenizer, max_length, max_prompt_length))
+            examples.append(tokenize_example(example, tokenizer, max_length, max_prompt_length, split_special_tokens))
         except DataError as err:
             overlong = isinstance(err, PromptTooLong)
             if not overlong and on_bad_row == "error":

@@ -79,7 +79,7 @@ def prepare_prompts(source: str, cfg, method: Method, tokenizer, split: str = "t
     for index, row in enumerate(rows):
         try:
             example = validate_row(row, "prompt", index, source)
-            ids = encode_prompt_capped(example.prompt, tokenizer, cfg.max_prompt_length)
+            ids = encode_prompt_capped(example.prompt, tokenizer, cfg.max_prompt_length, cfg.split_special_tokens)
             if not ids:
                 raise DataError("tokenizes to no tokens; a prompt needs at least one", field="prompt")
             if len(ids) > budget:
