@@ -89,7 +89,9 @@ ROW_ERRORS = [
     ("nan_pairwise_score.jsonl", 3, "chosen_score", "must be finite; got nan", [3]),
     ("nan_reward.jsonl", 2, "rewards[1]", "must be finite; got nan", [2, 3]),
     ("listwise_mismatch.jsonl", 2, "rewards", "got 2 values for 3 completions", [2, 3, 4, 5]),
-    ("wrong_roles.jsonl", 2, "prompt", "role 'human' is not one of system, user, assistant", [2, 3, 4, 5, 6, 7]),
+    ("wrong_roles.jsonl", 2, "prompt", "role 'human' is not one of system, user, assistant, tool", [2, 3, 4, 5, 6, 7]),
+    ("identical_pair.jsonl", 2, "rejected", "is identical to 'chosen'; a preference pair needs two different", [2, 3]),
+    ("bad_ended_flag.jsonl", 2, "rejected_ended", "must be true or false; got 'no'", [2, 3]),
 ]
 
 

@@ -100,6 +100,8 @@ def validate_row(
     if fmt in ("pairwise", "triple"):
         names = ("reference", "chosen", "rejected") if fmt == "triple" else ("chosen", "rejected")
         completions = [check_text(row[n], n, err, role="completion") for n in names]
+        if completions[-2] == completions[-1]:
+            raise err(f"is identical to '{names[-2]}'; a preference pair needs two different completions", "rejected")
         example = Example(
             prompt, completions, index, labels=[1.0] * (len(names) - 1) + [0.0],
             ended=check_ended(row, names, err), names=names,

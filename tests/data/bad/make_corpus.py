@@ -131,6 +131,20 @@ def main() -> None:
         ],
     )
     write(
+        "identical_pair.jsonl",
+        [
+            good[0],
+            line(pair("tea") | {"rejected": "tea is nice."}),
+            line(pair("rain") | {"chosen": [{"role": "assistant", "content": "No."}], "rejected": [
+                {"role": "assistant", "content": "No."}]}),
+            good[3],
+        ],
+    )
+    write(
+        "bad_ended_flag.jsonl",
+        [good[0], line(pair("tea", rejected_ended="no")), line(pair("rain", chosen_ended=0)), good[3]],
+    )
+    write(
         "huge_strings.jsonl",
         [
             line(pair("cats") | {"chosen": "Cats are nice. " * 13334}),  # 200,010 characters: truncated
