@@ -10,6 +10,7 @@ defaults for (``beta``, ``learning_rate``, ...) stay ``None`` until the method f
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,18 @@ class UnialignConfig(TrainingArguments):
     trust_remote_code: bool = False
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading .bin/.pt weights (unsafe pickle)"})
     # --- data
-    dataset: str | None = field(
-        default=None, metadata={"help": "jsonl/json/parquet file, datasets dir, hub name, or bundled"}
+    dataset: Any = field(
+        default=None,
+        metadata={
+            "help": "jsonl/json/parquet file, datasets dir, bundled:<format>, hub owner/name; in Python also a "
+            "Path, a list of row dicts or a datasets.Dataset"
+        },
     )
     dataset_format: str = "auto"
-    eval_dataset: str | None = None
+    eval_dataset: Any = None
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "processes that tokenize the dataset (datasets.map num_proc); None: one"}
+    )
     max_length: int = 512
     max_prompt_length: int | None = None  # None: the prompt may use all but one token of max_length
     on_bad_row: str = field(
@@ -195,7 +203,41 @@ class UnialignConfig(TrainingArguments):
             )
         if self.score_range is not None and (len(self.score_range) != 2 or self.score_range[0] >= self.score_range[1]):
             raise ValueError(f"config key 'score_range' must be [low, high] with low < high, got {self.score_range}")
+        if self.dataset_num_proc is not None and (
+            isinstance(self.dataset_num_proc, bool) or not isinstance(self.dataset_num_proc, int)
+            or self.dataset_num_proc < 1
+        ):
+            raise ValueError(f"config key 'dataset_num_proc' must be a positive integer, got {self.dataset_num_proc!r}")
         super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """TrainingArguments' dict, with data given as objects shown as text so ``config.json`` stays JSON."""
+        values = super().to_dict()
+        for key in ("dataset", "eval_dataset"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                values[key] = describe_dataset(values[key])
+        return values
+
+
+def describe_dataset(value: Any) -> str:
+    """How a ``dataset`` value reads in ``config.json``, logs and model cards.
+
+    Strings are themselves; paths their text; a list ``"<list: 8 rows>"``; a ``datasets.Dataset``
+    ``"<datasets.Dataset: 1000 rows>"``; a ``DatasetDict`` its splits' sizes.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list):
+        return f"<list: {len(value)} rows>"
+    kind = f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+    rows = getattr(value, "num_rows", None)
+    if isinstance(rows, int):
+        return f"<{kind}: {rows} rows>"
+    if isinstance(rows, dict):
+        return f"<{kind}: " + ", ".join(f"{split} {count} rows" for split, count in rows.items()) + ">"
+    return f"<{kind}>"
 
 
 def config_fields() -> dict[str, dataclasses.Field]:

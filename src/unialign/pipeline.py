@@ -23,7 +23,7 @@ from unialign.config import UnialignConfig, load_config
 from unialign.data.collate import PreferenceCollator
 from unialign.data.errors import DataError
 from unialign.data.formats import detect_format
-from unialign.data.io import read_rows
+from unialign.data.sources import read_rows, resolve_source
 from unialign.data.tokenize import DropReport, TokenizedExample, attach_kl_pairs, tokenize_rows
 from unialign.losses.registry import Method, check_format, get_method
 from unialign.models import apply_lora, load_model, load_tokenizer
@@ -53,11 +53,15 @@ class TrainResult:
     trainer: Any = None
 
 
-def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, split: str = "train") -> PreparedData:
-    """Read, validate, check the format against the method, tokenize and attach method extras."""
-    if source == "bundled":  # the shipped dataset, in the method's preferred format
-        source = f"bundled:{method.formats[0]}"
-    rows = read_rows(source, split=split)
+def prepare_data(source, cfg: UnialignConfig, method: Method, tokenizer, split: str = "train") -> PreparedData:
+    """Read, validate, check the format against the method, tokenize and attach method extras.
+
+    ``source`` is anything :func:`unialign.data.sources.resolve_source` accepts; the bare word
+    ``bundled`` is the shipped dataset in the method's preferred format.
+    """
+    resolved = resolve_source(source, bundled_default=method.formats[0])
+    source = resolved.name
+    rows = read_rows(resolved, split=split)
     if not rows:
         raise DataError("has no rows", source=source)
     fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(_columns(rows), source)
