@@ -182,6 +182,12 @@ def test_data_convert_reads_a_user_file_named_like_the_bundled_set(tmp_path, mon
     ]
 
 
+def test_the_readme_name_for_the_bundled_set_is_importable():
+    from unialign.data import load_bundled
+
+    assert load_bundled("pairwise") == read_rows("bundled:pairwise")
+
+
 def test_io_is_the_lowest_layer_and_knows_no_dataset_names():
     source = (Path(__file__).resolve().parents[1] / "src" / "unialign" / "data" / "io.py").read_text()
     imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Features
+from datasets import Features, is_caching_enabled
 
 import unialign.data.tokenize as tokenization
 from unialign.data.errors import DataError
@@ -230,7 +230,7 @@ def tokenize_table(
                             on_bad_row=on_bad_row, score_range=score_range, codecs=codecs)
     target = cache_root() / "tokenized" / f"{key}.arrow"
     target.parent.mkdir(parents=True, exist_ok=True)
-    cached = target.exists() or any(target.parent.glob(f"{key}_*_of_*.arrow"))
+    cached = is_caching_enabled() and (target.exists() or any(target.parent.glob(f"{key}_*_of_*.arrow")))
     if cached:
         logger.info("%s: reusing its tokenized cache %s", table.name, target.name)
     mapped = table.dataset.map(
