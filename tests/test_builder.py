@@ -8,7 +8,7 @@ import pytest
 from unialign.cli import main
 from unialign.config import load_config
 from unialign.data.builder import build_dataset, in_heldout
-from unialign.data.io import read_rows
+from unialign.data.sources import read_rows
 from unialign.generation import GenerationConfig
 from unialign.models import load_model, load_tokenizer
 from unialign.rewards.sources import load_reward

@@ -21,7 +21,7 @@ import unialign
 from unialign.config import load_config
 from unialign.data.errors import DataError
 from unialign.data.formats import FORMAT_COLUMNS, ROLES, Example, detect_format, validate_row
-from unialign.data.io import read_rows
+from unialign.data.sources import read_rows
 from unialign.data.tokenize import tokenize_rows
 from unialign.losses.registry import get_method
 from unialign.pipeline import _columns, check_shared_first_token, prepare_data

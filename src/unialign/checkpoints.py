@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from unialign.data.tokenize import TokenizedExample
+from unialign.data.tokenized import field_values, store_values, token_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +151,10 @@ def prepare_metrics_file(path: Path, resume_step: int | None) -> None:
 def data_fingerprint(examples: Sequence[TokenizedExample]) -> str:
     """A hash of the tokenized rows (prompt, completions, KL completion) in order: changes when the data does."""
     digest = hashlib.sha256()
-    for example in examples:
-        parts = [example.prompt_ids, *example.completion_ids, example.kl_completion_ids or []]
+    for parts in token_arrays(examples):
         for ids in parts:
             digest.update(len(ids).to_bytes(4, "little"))
-            digest.update(array("q", ids).tobytes())
+            digest.update(ids.astype("<i8").tobytes() if isinstance(ids, np.ndarray) else array("q", ids).tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:16]
 
@@ -171,12 +172,14 @@ def save_ref_logps(path: Path, splits: dict[str, Sequence[TokenizedExample]], re
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"reference": reference}
     for name, examples in splits.items():
-        lengths = [len(e.ref_logps) for e in examples]
-        tensors[f"{name}.ref_logps"] = torch.tensor([v for e in examples for v in e.ref_logps], dtype=torch.float32)
+        ref_logps = field_values(examples, "ref_logps")
+        lengths = [len(values) for values in ref_logps]
+        tensors[f"{name}.ref_logps"] = torch.tensor([v for values in ref_logps for v in values], dtype=torch.float32)
         tensors[f"{name}.offsets"] = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
         for field in _REF_FIELDS:
-            if all(getattr(e, field) is not None for e in examples):
-                tensors[f"{name}.{field}"] = torch.tensor([getattr(e, field) for e in examples], dtype=torch.float32)
+            column = field_values(examples, field)
+            if all(value is not None for value in column):
+                tensors[f"{name}.{field}"] = torch.tensor(column, dtype=torch.float32)
         metadata[f"{name}.rows"] = str(len(examples))
         metadata[f"{name}.fingerprint"] = data_fingerprint(examples)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
@@ -227,7 +230,7 @@ def load_ref_logps(
             raise ValueError(f"{path}: has no {terms} for the {name} data (another method wrote it); {hint}")
         values, offsets = tensors[f"{name}.ref_logps"], tensors[f"{name}.offsets"].tolist()
         extra = {field: tensors[f"{name}.{field}"].tolist() for field in _REF_FIELDS if f"{name}.{field}" in keys}
-        for i, example in enumerate(examples):
-            example.ref_logps = values[offsets[i] : offsets[i + 1]].tolist()
-            for field, column in extra.items():
-                setattr(example, field, column[i])
+        rows = range(len(examples))
+        store_values(examples, "ref_logps", rows, [values[offsets[i] : offsets[i + 1]].tolist() for i in rows])
+        for field, column in extra.items():
+            store_values(examples, field, rows, column)

@@ -164,7 +164,8 @@ def _methods(args) -> int:
 def _data_convert(args) -> int:
     from unialign.config import parse_overrides
     from unialign.data.converters import convert
-    from unialign.data.io import read_rows, write_rows
+    from unialign.data.io import write_rows
+    from unialign.data.sources import read_rows
 
     result = convert(read_rows(args.input), to=args.to, source=args.source, **parse_overrides(args.option))
     write_rows(list(result.rows), args.output)
@@ -176,7 +177,7 @@ def _data_build(args) -> int:
     import torch
 
     from unialign.data.builder import build_dataset
-    from unialign.data.io import read_rows
+    from unialign.data.sources import read_rows
     from unialign.generation import GenerationConfig
     from unialign.models import load_model, load_tokenizer
     from unialign.rewards.sources import load_reward

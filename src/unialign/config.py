@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "num_train_epochs": (0.0, True, None, False),
     "weight_decay": (0.0, True, None, False),
     "max_grad_norm": (0.0, True, None, False),
+    "dataset_num_proc": (1, True, None, False),
 }
 
 
@@ -98,11 +100,18 @@ class UnialignConfig(TrainingArguments):
     trust_remote_code: bool = False
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading .bin/.pt weights (unsafe pickle)"})
     # --- data
-    dataset: str | None = field(
-        default=None, metadata={"help": "jsonl/json/parquet file, datasets dir, hub name, or bundled"}
+    dataset: Any = field(
+        default=None,
+        metadata={
+            "help": "jsonl/json/parquet file, datasets dir, bundled:<format>, hub owner/name; in Python also a "
+            "Path, a list of row dicts or a datasets.Dataset"
+        },
     )
     dataset_format: str = "auto"
-    eval_dataset: str | None = None
+    eval_dataset: Any = None
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "processes that tokenize the dataset (datasets.map num_proc); None: one"}
+    )
     max_length: int = 512
     max_prompt_length: int | None = None  # None: the prompt may use all but one token of max_length
     on_bad_row: str = field(
@@ -267,6 +276,35 @@ class UnialignConfig(TrainingArguments):
         if self.max_steps <= 0 and self.num_train_epochs == 0:
             raise ConfigError("num_train_epochs", "is 0 and max_steps is not set: the run would train 0 steps")
         super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """TrainingArguments' dict, with data given as objects shown as text so ``config.json`` stays JSON."""
+        values = super().to_dict()
+        for key in ("dataset", "eval_dataset"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                values[key] = describe_dataset(values[key])
+        return values
+
+
+def describe_dataset(value: Any) -> str:
+    """How a ``dataset`` value reads in ``config.json``, logs and model cards.
+
+    Strings are themselves; paths their text; a list ``"<list: 8 rows>"``; a ``datasets.Dataset``
+    ``"<datasets.Dataset: 1000 rows>"``; a ``DatasetDict`` its splits' sizes.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list):
+        return f"<list: {len(value)} rows>"
+    kind = f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+    rows = getattr(value, "num_rows", None)
+    if isinstance(rows, int):
+        return f"<{kind}: {rows} rows>"
+    if isinstance(rows, dict):
+        return f"<{kind}: " + ", ".join(f"{split} {count} rows" for split, count in rows.items()) + ">"
+    return f"<{kind}>"
 
 
 def _type_hints() -> dict[str, Any]:

@@ -73,7 +73,7 @@ def run_demo(
         f"[2/3] sampling {samples_per_prompt} completions for each of {eval_prompts} held-out prompts "
         "from the aligned and the untouched model"
     )
-    from unialign.data.io import read_rows
+    from unialign.data.sources import read_rows
 
     prompts = [row["prompt"] for row in read_rows("bundled:prompts", split="test")][:eval_prompts]
     tokenizer = load_tokenizer(config["model_name_or_path"])

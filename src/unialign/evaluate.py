@@ -395,17 +395,14 @@ def run_config(path: str) -> dict[str, Any]:
         return {}
 
 
-def read_source_rows(source: str) -> list[dict[str, Any]]:
-    """Rows from a file, a datasets folder or hub name (its ``test`` split), or ``bundled:<format>[:<split>]``.
+def read_source_rows(source) -> list[dict[str, Any]]:
+    """Rows of any source :func:`unialign.data.sources.resolve_source` accepts, ``test`` split by default.
 
-    The bundled split defaults to ``test``: evaluation reads held-out rows.
+    Evaluation reads held-out rows: ``bundled:<format>`` means ``bundled:<format>:test``, and hub
+    datasets and ``DatasetDict``s give their ``test`` split.
     """
-    from unialign.data.io import read_rows
+    from unialign.data.sources import read_rows
 
-    if source.startswith("bundled"):
-        _, _, rest = source.partition(":")
-        fmt, _, split = rest.partition(":")
-        return read_rows(f"bundled:{fmt or 'prompts'}", split=split or "test")
     return read_rows(source, split="test")
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import TrainerCallback
 
 from unialign.checkpoints import (
@@ -23,8 +24,9 @@ from unialign.config import UnialignConfig, load_config
 from unialign.data.collate import PreferenceCollator
 from unialign.data.errors import DataError
 from unialign.data.formats import detect_format
-from unialign.data.io import read_rows
-from unialign.data.tokenize import DropReport, TokenizedExample, attach_kl_pairs, tokenize_rows
+from unialign.data.sources import open_table
+from unialign.data.tokenize import DropReport
+from unialign.data.tokenized import TokenizedDataset, max_completions, tokenize_table
 from unialign.losses.registry import Method, check_format, get_method
 from unialign.models import apply_lora, disable_dropout, load_model, load_tokenizer
 from unialign.trainer import UnialignTrainer
@@ -34,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    """A tokenized dataset ready for the trainer."""
+    """A tokenized dataset ready for the trainer (``source`` is its name as messages show it)."""
 
-    examples: list[TokenizedExample]
+    examples: TokenizedDataset
     format: str
     report: DropReport
     source: str
@@ -53,33 +55,36 @@ class TrainResult:
     trainer: Any = None
 
 
-def prepare_data(source: str, cfg: UnialignConfig, method: Method, tokenizer, split: str = "train") -> PreparedData:
-    """Read, validate, check the format against the method, tokenize and attach method extras."""
-    if source == "bundled":  # the shipped dataset, in the method's preferred format
-        source = f"bundled:{method.formats[0]}"
-    rows = read_rows(source, split=split)
-    if not rows:
-        raise DataError("has no rows", source=source)
-    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(_columns(rows), source)
+def prepare_data(source, cfg: UnialignConfig, method: Method, tokenizer, split: str = "train") -> PreparedData:
+    """Read, validate, check the format against the method, tokenize and attach method extras.
+
+    ``source`` is anything :func:`unialign.data.sources.resolve_source` accepts; the bare word
+    ``bundled`` is the shipped dataset in the method's preferred format. Tokenized rows are cached in
+    Arrow (``unialign.data.tokenized``) and tokenized by ``cfg.dataset_num_proc`` processes.
+    """
+    table = open_table(source, split, bundled_default=method.formats[0])
+    if not len(table):
+        raise DataError("has no rows", source=table.name)
+    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(_columns(table.head(50)), table.name)
     check_format(method, fmt)
-    examples, report = tokenize_rows(
-        rows,
+    examples, report = tokenize_table(
+        table,
         fmt,
         tokenizer,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
-        source=source,
         on_bad_row=cfg.on_bad_row,
         score_range=cfg.score_range,
         split_special_tokens=cfg.split_special_tokens,
+        num_proc=cfg.dataset_num_proc,
     )
     if method.needs_shared_first_token:
-        check_shared_first_token(examples, source, tokenizer)
+        check_shared_first_token(examples, table.name, tokenizer)
     if method.targets_from == "scores":
-        check_scores(examples, fmt, source, method)
+        check_scores(examples, fmt, table.name, method)
     if method.needs_kl_pairs:
-        attach_kl_pairs(examples, cfg.max_length)
-    return PreparedData(examples, fmt, report, source)
+        examples.attach_kl_pairs(cfg.max_length)
+    return PreparedData(examples, fmt, report, table.name)
 
 
 def _columns(rows: list[dict]) -> set[str]:
@@ -91,10 +96,10 @@ def _columns(rows: list[dict]) -> set[str]:
     return columns
 
 
-def check_scores(examples: list[TokenizedExample], fmt: str, source: str, method: Method) -> None:
+def check_scores(examples, fmt: str, source: str, method: Method) -> None:
     """Score-target methods need a score for every completion (binary labels count as 0/1 scores)."""
-    missing = next((e for e in examples if e.scores is None), None)
-    if missing is None or (fmt == "binary" and all(e.scores is None for e in examples)):
+    missing = _none_field(examples, "scores")
+    if not missing.any() or (fmt == "binary" and missing.all()):
         return
     how = {
         "pairwise": "chosen_score and rejected_score in [0, 1] (or set score_range)",
@@ -103,25 +108,40 @@ def check_scores(examples: list[TokenizedExample], fmt: str, source: str, method
     raise DataError(
         f"{method.name} needs a score for every completion: {how}",
         source=source,
-        row=missing.row,
+        row=examples[int(missing.argmax())].row,
         field="score_range" if fmt == "listwise" else "chosen_score",
     )
 
 
-def check_shared_first_token(examples: list[TokenizedExample], source: str, tokenizer) -> None:
-    """RAO's prefix consistency needs every prompt to start with the same token ``t0``."""
-    first = examples[0].prompt_ids[0]
-    for example in examples:
-        if example.prompt_ids[0] != first:
-            raise DataError(
-                f"prompt starts with token {tokenizer.decode([example.prompt_ids[0]])!r} but earlier prompts start "
-                f"with {tokenizer.decode([first])!r}; RAO's prefix consistency needs one shared first token "
-                "(use conversational prompts so the chat template supplies it, "
-                "or check truncation by max_prompt_length)",
-                source=source,
-                row=example.row,
-                field="prompt",
-            )
+def _none_field(examples, name: str) -> np.ndarray:
+    if isinstance(examples, TokenizedDataset):
+        return examples.is_none(name)
+    return np.array([getattr(e, name) is None for e in examples], dtype=bool)
+
+
+def check_shared_first_token(examples, source: str, tokenizer) -> None:
+    """RAO's prefix consistency needs every prompt to start with the same token ``t0``.
+
+    ``examples`` is a :class:`TokenizedDataset` or a list of :class:`TokenizedExample`.
+    """
+    if isinstance(examples, TokenizedDataset):
+        firsts = examples.first_tokens().tolist()
+    else:
+        firsts = [e.prompt_ids[0] for e in examples]
+    first = firsts[0]
+    odd = next((i for i, token in enumerate(firsts) if token != first), None)
+    if odd is None:
+        return
+    example = examples[odd]
+    raise DataError(
+        f"prompt starts with token {tokenizer.decode([example.prompt_ids[0]])!r} but earlier prompts start "
+        f"with {tokenizer.decode([first])!r}; RAO's prefix consistency needs one shared first token "
+        "(use conversational prompts so the chat template supplies it, "
+        "or check truncation by max_prompt_length)",
+        source=source,
+        row=example.row,
+        field="prompt",
+    )
 
 
 def build_models(cfg: UnialignConfig, method: Method):
@@ -194,12 +214,19 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
 
         return train_online(cfg)
     if cfg.dataset is None:
-        raise ValueError("config key 'dataset' is not set: give a file, a datasets folder or 'bundled'")
+        raise ValueError(
+            "config key 'dataset' is not set: give a file, a datasets folder, bundled:<format> (or bundled), "
+            "a hub name, a list of rows or a datasets.Dataset"
+        )
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    train_data = prepare_data(cfg.dataset, cfg, method, tokenizer)
-    eval_data = prepare_data(cfg.eval_dataset, cfg, method, tokenizer, split="test") if cfg.eval_dataset else None
+    # Under several processes the first one tokenizes and writes the cache; the others then read it.
+    with cfg.main_process_first(desc="tokenizing the dataset"):
+        train_data = prepare_data(cfg.dataset, cfg, method, tokenizer)
+        eval_data = None
+        if cfg.eval_dataset is not None:
+            eval_data = prepare_data(cfg.eval_dataset, cfg, method, tokenizer, split="test")
     policy, reference = build_models(cfg, method)
-    num_slots = max(len(e.completion_ids) for e in train_data.examples + (eval_data.examples if eval_data else []))
+    num_slots = max(max_completions(d.examples) for d in (train_data, eval_data) if d is not None)
     collator = PreferenceCollator(
         tokenizer.pad_token_id,
         num_slots,

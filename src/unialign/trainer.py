@@ -27,6 +27,7 @@ from unialign.allocator import keep_freed_memory
 from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
 from unialign.data.collate import has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
+from unialign.data.tokenized import TokenizedDataset, store_values
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
@@ -94,9 +95,12 @@ class UnialignTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         strategy = self.args.train_sampling_strategy
         length_aware = strategy in ("group_by_length", "batch_rebalance") and has_length(dataset) and len(dataset) > 0
-        if not length_aware or not isinstance(dataset[0], TokenizedExample):
+        if isinstance(dataset, TokenizedDataset) and length_aware:
+            lengths = dataset.example_lengths(packed=self.args.prefix_sharing)
+        elif length_aware and isinstance(dataset[0], TokenizedExample):
+            lengths = [example_length(e, packed=self.args.prefix_sharing) for e in dataset]
+        else:
             return super()._get_train_sampler(train_dataset)
-        lengths = [example_length(e, packed=self.args.prefix_sharing) for e in dataset]
         accumulation = self.args.gradient_accumulation_steps
         if strategy == "group_by_length":
             return LengthGroupedSampler(self.args.train_batch_size * accumulation, lengths=lengths)
@@ -212,7 +216,9 @@ class UnialignTrainer(Trainer):
     def data_fingerprint(self) -> str | None:
         """:func:`unialign.checkpoints.data_fingerprint` of the training rows (``None`` for other datasets)."""
         data = self.train_dataset
-        if self._data_fingerprint is None and isinstance(data, list) and data:
+        if self._data_fingerprint is None and isinstance(data, TokenizedDataset) and len(data):
+            self._data_fingerprint = data_fingerprint(data)
+        elif self._data_fingerprint is None and isinstance(data, list) and data:
             if all(isinstance(e, TokenizedExample) for e in data):
                 self._data_fingerprint = data_fingerprint(data)
         return self._data_fingerprint
@@ -375,27 +381,29 @@ class UnialignTrainer(Trainer):
         finally:
             self.model.train(was_training)
 
-    def precompute_reference(self, examples: list[TokenizedExample], batch_size: int) -> None:
+    def precompute_reference(self, examples, batch_size: int) -> None:
         """Fill ``ref_logps`` (and prompt/KL reference terms) into every example, once.
 
-        With several processes (all must call this), each computes a contiguous share of the rows and every
-        process receives the values of all rows. Afterwards no reference forward runs during training, and a
-        separate reference model is freed.
+        ``examples`` is a list of :class:`TokenizedExample` or a :class:`TokenizedDataset` (whose side
+        store then holds the values). With several processes (all must call this), each computes a
+        contiguous share of the rows and every process receives the values of all rows. Afterwards no
+        reference forward runs during training, and a separate reference model is freed.
         """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         share = -(-len(examples) // world)
         first = rank * share
-        mine = examples[first : first + share]
+        last = min(len(examples), first + share)
         values = []
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
+        for start in range(first, last, batch_size):
+            indices = range(start, min(last, start + batch_size))
+            chunk = [examples[i] for i in indices]
             batch = self._prepare_inputs(self.data_collator(chunk))
             ref = self.reference_logps(batch)
             per_slot = gather_slots(ref["seq"], batch["slot_seq"]).cpu()
-            for row, example in enumerate(chunk):
+            for row, (index, example) in enumerate(zip(indices, chunk)):
                 values.append(
                     (
-                        first + start + row,
+                        index,
                         per_slot[row, : len(example.completion_ids)].tolist(),
                         float(ref["prompt"][row]) if "prompt" in ref else None,
                         float(ref["kl"][row]) if "kl" in ref else None,
@@ -403,13 +411,12 @@ class UnialignTrainer(Trainer):
                 )
         if world > 1:
             values = gather_object(values)
-        for index, ref_logps, prompt, kl in values:
-            example = examples[index]
-            example.ref_logps = ref_logps
-            if prompt is not None:
-                example.ref_prompt_logps = prompt
-            if kl is not None:
-                example.ref_kl_logps = kl
+        indices = [v[0] for v in values]
+        store_values(examples, "ref_logps", indices, [v[1] for v in values])
+        for position, name in ((2, "ref_prompt_logps"), (3, "ref_kl_logps")):
+            known = [(v[0], v[position]) for v in values if v[position] is not None]
+            if known:
+                store_values(examples, name, [i for i, _ in known], [value for _, value in known])
 
     def release_reference_model(self) -> None:
         """Drop the separate reference model (after precomputing, nothing needs it)."""

@@ -1,1 +1,5 @@
-"""Datasets: feedback formats, loading, converters, tokenization and batching."""
+"""Datasets: feedback formats, sources, converters, tokenization and batching."""
+
+from unialign.data.bundled import load_bundled
+
+__all__ = ["load_bundled"]

@@ -16,7 +16,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from unialign.data.converters import LISTWISE_ENDED, convert
-from unialign.data.io import read_rows, write_rows
+from unialign.data.io import write_rows
+from unialign.data.sources import read_rows
 from unialign.generation import GenerationConfig, generate
 from unialign.rewards.base import RewardSource
 
@@ -63,7 +64,7 @@ def build_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / "listwise.all.jsonl"
-    done = {row["id"] for row in read_rows(str(raw_path))} if raw_path.exists() else set()
+    done = {row["id"] for row in read_rows(raw_path)} if raw_path.exists() else set()
     todo = [p for p in prompts if prompt_id(p) not in done]
     generation = generation or GenerationConfig()
     generation.num_return_sequences = k
@@ -89,7 +90,7 @@ def build_dataset(
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         bar.update(len(batch))
     bar.close()
-    return write_splits(read_rows(str(raw_path)), out, heldout_fraction, reward.bounds)
+    return write_splits(read_rows(raw_path), out, heldout_fraction, reward.bounds)
 
 
 def listwise_record(row: dict[str, Any]) -> dict[str, Any]:

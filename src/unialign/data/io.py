@@ -1,6 +1,8 @@
-"""Reading rows from jsonl, json, parquet, a saved ``datasets`` folder, the bundled data or the hub.
+"""Reading rows from jsonl, json, parquet, a saved ``datasets`` folder or the hub.
 
 Every reader returns plain ``dict`` rows and names the file and line of anything it cannot read.
+This is the lowest data layer: it reads paths and hub names it is given and knows no dataset by
+name (:mod:`unialign.data.sources` decides what a name means).
 """
 
 from __future__ import annotations
@@ -12,33 +14,41 @@ from typing import Any
 from unialign.data.errors import DataError
 
 
-def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """All rows of ``source``.
+def read_path(path: Path, split: str = "train") -> list[dict[str, Any]]:
+    """All rows of the file or folder at ``path``: ``.jsonl``, ``.json``, ``.parquet``, or a ``save_to_disk`` folder.
 
-    ``source`` is a ``.jsonl``/``.json``/``.parquet`` file, a folder written by
-    ``datasets.Dataset.save_to_disk``, ``bundled:<format>`` for the shipped dataset, or a hub name
-    (needs a network).
+    Names that are not paths (``bundled:<format>``, hub datasets) are resolved by
+    :mod:`unialign.data.sources`, which calls this for paths.
     """
-    if source.startswith("bundled"):
-        from unialign.data.bundled import load_bundled
-
-        _, _, fmt = source.partition(":")
-        return load_bundled(fmt or "pairwise", split=split)
-    path = Path(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return read_jsonl(path)
-        if suffix == ".json":
-            return read_json(path)
-        if suffix == ".parquet":
-            return read_parquet(path)
-        raise DataError(f"unsupported file type {suffix!r}; use .jsonl, .json or .parquet", source=str(path))
+    path = Path(path)
     if path.is_dir():
         return read_saved_dataset(path, split)
-    if path.suffix or source.startswith((".", "/")):
-        raise DataError("file not found", source=source)
-    return read_hub_dataset(source, split)
+    kind = file_kind(path)
+    if kind == "jsonl":
+        return read_jsonl(path)
+    if kind == "json":
+        return read_json(path)
+    return read_parquet(path)
+
+
+def file_kind(path: Path) -> str:
+    """``jsonl``, ``json`` or ``parquet``, by the file's suffix.
+
+    A file without a suffix is told by its first bytes: ``PAR1`` is parquet, ``[`` a JSON list,
+    anything else JSON lines.
+    """
+    if not path.is_file():
+        raise DataError("file not found", source=str(path))
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet"):
+        return suffix[1:]
+    if suffix:
+        raise DataError(f"unsupported file type {suffix!r}; use .jsonl, .json or .parquet", source=str(path))
+    with open(path, "rb") as handle:
+        start = handle.read(4096)
+    if start.startswith(b"PAR1"):
+        return "parquet"
+    return "json" if start.lstrip()[:1] == b"[" else "jsonl"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -46,26 +56,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"is not valid UTF-8 ({err.reason} at byte {err.start})", source=str(path), row=number
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"is not valid JSON ({err.msg} at column {err.colno})", source=str(path), row=number
-                ) from None
-            except (ValueError, RecursionError) as err:  # a number over Python's digit limit; nesting too deep
-                raise DataError(f"cannot be read as JSON ({_why(err)})", source=str(path), row=number) from None
-            if not isinstance(value, dict):
-                raise DataError(f"must be a JSON object, got {type(value).__name__}", source=str(path), row=number)
-            rows.append(value)
+            line = decode_jsonl_line(raw, number, str(path))
+            if line.strip():
+                rows.append(parse_jsonl_line(line, number, str(path)))
     return rows
+
+
+def decode_jsonl_line(raw: bytes, number: int, source: str) -> str:
+    """The text of line ``number`` (0-based) of a jsonl file; invalid UTF-8 is a :class:`DataError`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"is not valid UTF-8 ({err.reason} at byte {err.start})", source=source, row=number) from None
+
+
+def parse_jsonl_line(line: str, number: int, source: str) -> dict[str, Any]:
+    """The JSON object on line ``number`` (0-based) of a jsonl file; anything else is a :class:`DataError`."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"is not valid JSON ({err.msg} at column {err.colno})", source=source, row=number) from None
+    except (ValueError, RecursionError) as err:  # a number over Python's digit limit; nesting too deep
+        raise DataError(f"cannot be read as JSON ({_why(err)})", source=source, row=number) from None
+    if not isinstance(value, dict):
+        raise DataError(f"must be a JSON object, got {type(value).__name__}", source=source, row=number)
+    return value
 
 
 def read_json(path: Path) -> list[dict[str, Any]]:
@@ -106,25 +121,45 @@ def read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
-    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
-    from datasets import DatasetDict, load_from_disk
+    """The rows of a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return load_saved_dataset(path, split).to_list()
 
-    data = load_from_disk(str(path))
+
+def load_saved_dataset(path: Path, split: str):
+    """A ``save_to_disk`` folder as a memory-mapped ``datasets.Dataset`` (``split`` of a ``DatasetDict``)."""
+    from datasets import load_from_disk
+
+    return pick_split(load_from_disk(str(path)), split, str(path))
+
+
+def pick_split(data, split: str, source: str):
+    """``data[split]`` for a ``DatasetDict`` (an error lists its splits when it lacks one), else ``data``."""
+    from datasets import DatasetDict
+
     if isinstance(data, DatasetDict):
         if split not in data:
-            raise DataError(f"has no split {split!r}; splits: {', '.join(data)}", source=str(path))
-        data = data[split]
-    return data.to_list()
+            raise DataError(f"has no split {split!r}; splits: {', '.join(data)}", source=source)
+        return data[split]
+    return data
 
 
 def read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
-    """A dataset from the Hugging Face hub (needs a network connection)."""
+    """The rows of a dataset from the Hugging Face hub (needs a network connection)."""
+    return load_hub_dataset(name, split).to_list()
+
+
+def load_hub_dataset(name: str, split: str):
+    """A dataset from the Hugging Face hub as a ``datasets.Dataset`` (needs a network connection)."""
     from datasets import load_dataset
 
     try:
-        return load_dataset(name, split=split).to_list()
+        return load_dataset(name, split=split)
     except Exception as err:  # the hub client raises many types; the user needs the name and the cause
-        raise DataError(f"could not load it as a local file or a hub dataset: {err}", source=name) from err
+        raise DataError(
+            f"is not a local file or folder, so it was read as a hub dataset (owner/name, needs a network "
+            f"connection), which failed: {err}",
+            source=name,
+        ) from err
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:

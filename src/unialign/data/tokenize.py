@@ -335,18 +335,15 @@ def tokenize_rows(
     report = DropReport(total=len(rows))
     examples = []
     for index, row in enumerate(rows):
-        try:
-            example = validate_row(row, fmt, index, source, score_range)
-            examples.append(tokenize_example(example, tokenizer, max_length, max_prompt_length, split_special_tokens))
-        except DataError as err:
-            overlong = isinstance(err, PromptTooLong)
-            if not overlong and on_bad_row == "error":
-                if err.source is None:
-                    err = DataError(err.problem, source=source, row=index, field=err.field)
-                raise err from None
-            report.add(
-                f"{err.field}: {err.problem.split(';')[0]}" if not overlong else "prompt longer than max_length", index
-            )
+        result = tokenize_one(
+            row, fmt, index, source, tokenizer, max_length, max_prompt_length, score_range, split_special_tokens
+        )
+        if isinstance(result, TokenizedExample):
+            examples.append(result)
+        elif is_fatal(result, on_bad_row):
+            raise result
+        else:
+            report.add(drop_reason(result), index)
     if report.dropped:
         logger.warning("%s: %s", source, report.summary())
     if not rows:
@@ -380,3 +377,41 @@ def attach_kl_pairs(examples: list[TokenizedExample], max_length: int) -> None:
                 "the dataset needs at least two different prompts"
             )
         example.kl_completion_ids = other.completion_ids[0][: max_length - len(example.prompt_ids)]
+
+
+def tokenize_one(
+    row: Any,
+    fmt: str,
+    index: int,
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    score_range: tuple[float, float] | None = None,
+    split_special_tokens: bool = True,
+) -> TokenizedExample | DataError:
+    """Validate and tokenize one row; a bad row is returned (not raised) as its :class:`DataError`.
+
+    The error names ``source`` and the row. :func:`is_fatal` tells a counted drop from a stop.
+    """
+    try:
+        example = validate_row(row, fmt, index, source, score_range)
+        return tokenize_example(example, tokenizer, max_length, max_prompt_length, split_special_tokens)
+    except PromptTooLong as err:
+        return err
+    except DataError as err:
+        if err.source is None:
+            return DataError(err.problem, source=source, row=index, field=err.field)
+        return err
+
+
+def is_fatal(error: DataError, on_bad_row: str) -> bool:
+    """Whether a bad row stops the run: over-long prompts never do, other bad rows unless ``on_bad_row="drop"``."""
+    return not isinstance(error, PromptTooLong) and on_bad_row == "error"
+
+
+def drop_reason(error: DataError) -> str:
+    """The :class:`DropReport` reason a dropped row is counted under."""
+    if isinstance(error, PromptTooLong):
+        return "prompt longer than max_length"
+    return f"{error.field}: {error.problem.split(';')[0]}"

@@ -281,7 +281,8 @@ def prepare_job(spec: Spec, name: str, seed: int) -> dict[str, Any]:
 
 def materialize_dataset(spec: Spec, name: str) -> Path:
     """Write derived dataset ``name`` (source rows, optional column subset and seeded sample) once; its path."""
-    from unialign.data.io import read_rows, write_rows
+    from unialign.data.io import write_rows
+    from unialign.data.sources import read_rows
 
     definition = spec.datasets[name]
     path = spec.workdir / "data" / f"{name}-{dataset_id(spec, name)}.jsonl"
@@ -421,7 +422,8 @@ def rescore_listwise(rescore: dict[str, Any]) -> dict[str, Any]:
     highest ``hi`` (one map over the whole dataset, so differences across prompts are kept). Returns
     how often the model orders a pair of completions of one prompt as the source rewards do.
     """
-    from unialign.data.io import read_rows, write_rows
+    from unialign.data.io import write_rows
+    from unialign.data.sources import read_rows
     from unialign.rewards.sources import RewardModel
 
     rows = read_rows(str(rescore["source"]), split=str(rescore.get("split", "train")))

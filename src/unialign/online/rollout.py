@@ -19,7 +19,7 @@ from torch import Tensor
 from unialign.data.collate import pad_sequences
 from unialign.data.errors import DataError, PromptTooLong
 from unialign.data.formats import detect_format, validate_row
-from unialign.data.io import read_rows
+from unialign.data.sources import read_rows, resolve_source
 from unialign.data.tokenize import DropReport, encode_prompt_capped
 from unialign.losses.registry import Method, check_format
 
@@ -58,9 +58,9 @@ def prepare_prompts(source: str, cfg, method: Method, tokenizer, split: str = "t
     structure kept, the oldest text cut); a prompt
     that leaves less than ``max_completion_length`` tokens of ``max_length`` is dropped and counted.
     """
-    if source == "bundled":
-        source = "bundled:prompt"
-    rows = read_rows(source, split=split)
+    resolved = resolve_source(source, bundled_default="prompt")
+    source = resolved.name
+    rows = read_rows(resolved, split=split)
     if not rows:
         raise DataError("has no rows", source=source)
     fmt = cfg.dataset_format

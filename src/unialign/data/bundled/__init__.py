@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from unialign.data.converters import convert
 from unialign.data.errors import DataError
+from unialign.data.io import read_jsonl
 
 FOLDER = Path(__file__).parent
 FORMATS = ("listwise", "pairwise", "binary", "score", "triple", "sft", "prompt", "prompts")
@@ -15,10 +17,10 @@ SPLITS = ("train", "test")
 
 
 def load_bundled(fmt: str = "pairwise", split: str = "train") -> list[dict[str, Any]]:
-    """Rows of the bundled dataset in one feedback format (``prompts`` = prompt-only) and split."""
-    from unialign.data.converters import convert
-    from unialign.data.io import read_jsonl
+    """Rows of the bundled dataset in one feedback format (``prompts`` = prompt-only) and split.
 
+    In a config or on the command line the same rows are ``bundled:<format>`` (``bundled:<format>:<split>``).
+    """
     if fmt not in FORMATS:
         raise DataError(f"unknown bundled format {fmt!r}; choose one of {', '.join(FORMATS)}", source="bundled")
     if split not in SPLITS:
