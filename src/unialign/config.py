@@ -328,6 +328,8 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     """
     members = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else (hint,)
+    if Any in members:
+        return value
     if value is None:
         if type(None) in members:
             return None
