@@ -181,29 +181,47 @@ def encode_completion(
             (the completion's tokens would then be undefined), or a conversational completion
             follows a plain-string prompt.
     """
+    return encode_completions(prompt, [completion], tokenizer, [ended], [name], split_special_tokens)[0]
+
+
+def encode_completions(
+    prompt: Any,
+    completions: list[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    ended: list[bool],
+    names: list[str],
+    split_special_tokens: bool = True,
+) -> list[list[int]]:
+    """:func:`encode_completion` for every completion of one prompt, rendering the prompt once."""
     if not isinstance(prompt, list):
-        if isinstance(completion, list):
-            raise DataError("a conversational completion needs a conversational prompt (a list of messages)",
-                            field=name)
-        ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
-        return ids + [tokenizer.eos_token_id] if ended else ids
-    messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        out = []
+        for completion, done, name in zip(completions, ended, names):
+            if isinstance(completion, list):
+                raise DataError("a conversational completion needs a conversational prompt (a list of messages)",
+                                field=name)
+            ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=split_special_tokens)
+            out.append(ids["input_ids"] + [tokenizer.eos_token_id] if done else ids["input_ids"])
+        return out
     shield = Shield(tokenizer, split_special_tokens)
-    prompt, messages = shield.messages(prompt), shield.messages(messages)
+    prompt = shield.messages(prompt)
     head = render(prompt, tokenizer, add_generation_prompt=True)
-    try:
-        full = render(prompt + messages, tokenizer, add_generation_prompt=False)
-    except DataError as err:
-        raise DataError(err.problem, field=name) from None
-    if not full.startswith(head):
-        at = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
-        raise DataError(
-            "the chat template renders the prompt differently when the completion follows it (they differ at "
-            f"character {at}: {head[at:at + 30]!r} vs {full[at:at + 30]!r}), so the completion's tokens are not "
-            "defined; use a template that renders a conversation's start the same way in both cases",
-            field=name,
-        )
-    return end_of_turn(shield.encode(full[len(head) :]), tokenizer, ended)
+    out = []
+    for completion, done, name in zip(completions, ended, names):
+        messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        try:
+            full = render(prompt + shield.messages(messages), tokenizer, add_generation_prompt=False)
+        except DataError as err:
+            raise DataError(err.problem, field=name) from None
+        if not full.startswith(head):
+            at = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+            raise DataError(
+                "the chat template renders the prompt differently when the completion follows it (they differ at "
+                f"character {at}: {head[at:at + 30]!r} vs {full[at:at + 30]!r}), so the completion's tokens are "
+                "not defined; use a template that renders a conversation's start the same way in both cases",
+                field=name,
+            )
+        out.append(end_of_turn(shield.encode(full[len(head) :]), tokenizer, done))
+    return out
 
 
 def end_of_turn(ids: list[int], tokenizer: PreTrainedTokenizerBase, ended: bool) -> list[int]:
@@ -303,13 +321,12 @@ def tokenize_example(
         )
     names = example.names or tuple(f"completions[{i}]" for i in range(len(example.completions)))
     ended = example.ended or [True] * len(example.completions)
-    completions = []
-    for completion, name, done in zip(example.completions, names, ended):
-        try:
-            ids = encode_completion(example.prompt, completion, tokenizer, done, name, split_special_tokens)
-            completions.append(ids[:budget])
-        except DataError as err:
-            raise DataError(err.problem, row=example.row, field=err.field) from None
+    try:
+        completions = encode_completions(example.prompt, example.completions, tokenizer, ended, names,
+                                         split_special_tokens)
+    except DataError as err:
+        raise DataError(err.problem, row=example.row, field=err.field) from None
+    completions = [ids[:budget] for ids in completions]
     return TokenizedExample(
         prompt_ids, completions, example.row, labels=example.labels, scores=example.scores, rewards=example.rewards
     )
