@@ -141,7 +141,7 @@ def test_range_normalization_needs_bounds(tiny_model_dir, tmp_path):
     "key,value,message",
     [
         ("temperature", 0.0, "'temperature' must be > 0 for online training"),
-        ("num_generations", 0, "'num_generations' must be at least 1"),
+        ("num_generations", 0, "'num_generations' must be >= 1; got 0"),
         ("precompute_ref_log_probs", True, "'precompute_ref_log_probs' does not apply to una_online"),
         ("max_completion_length", 600, "'max_completion_length' \\(600\\) must be smaller than 'max_length'"),
     ],

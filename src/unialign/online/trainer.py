@@ -264,13 +264,7 @@ class _OnlineCallback(TrainerCallback):
 
 
 def check_online_config(cfg, reward: RewardSource) -> None:
-    """Refuse settings online UNA cannot run with, naming the key."""
-    if cfg.num_generations < 1:
-        raise ValueError(f"config key 'num_generations' must be at least 1, got {cfg.num_generations}")
-    if cfg.num_iterations < 1:
-        raise ValueError(f"config key 'num_iterations' must be at least 1, got {cfg.num_iterations}")
-    if cfg.max_completion_length < 1:
-        raise ValueError(f"config key 'max_completion_length' must be at least 1, got {cfg.max_completion_length}")
+    """Refuse settings online UNA cannot run with, naming the key (counts below 1 are refused by the config)."""
     if cfg.temperature <= 0:
         raise ValueError(
             f"config key 'temperature' must be > 0 for online training (got {cfg.temperature}): "

@@ -133,5 +133,6 @@ def _with_stop(sample, stops: list[int], tokenizer) -> list[int]:
     """
     ids = list(sample.token_ids)
     if sample.finish_reason == "stop" and not any(t in stops for t in ids):
-        ids.append(sample.stop_reason if isinstance(sample.stop_reason, int) else tokenizer.eos_token_id)
+        reason = getattr(sample, "stop_reason", None)
+        ids.append(reason if isinstance(reason, int) else tokenizer.eos_token_id)
     return ids
