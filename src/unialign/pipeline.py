@@ -272,7 +272,10 @@ def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, outpu
                 prepare_metrics_file(output_dir / METRICS_FILE, resume_step)
         if before_train is not None:
             before_train(resume_from is not None)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from is not None and finished_at(trainer, cfg, resume_from):
+            restore_checkpoint(trainer, resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         metrics = final_metrics(trainer.state.log_history)
         model_dir = save_model_atomically(trainer, cfg, method, train_data, metrics, output_dir)
         if main:
@@ -281,6 +284,28 @@ def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, outpu
             with storage_errors("drawing the plots", output_dir, f"the model is saved in {model_dir}"):
                 plot_run(output_dir)
         return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
+
+
+def finished_at(trainer: UnialignTrainer, cfg: UnialignConfig, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is already at the run's last step (``max_steps``), so nothing is left to train.
+
+    transformers 5 trains one step more when it resumes from the last step, so such a resume, the one a
+    failed final save asks for, must not go through ``Trainer.train``. Sharded runs (DeepSpeed, FSDP)
+    restore their state only inside ``Trainer.train``, so they take that path.
+    """
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    return not sharded and 0 < cfg.max_steps <= read_marker(checkpoint)["step"]
+
+
+def restore_checkpoint(trainer: UnialignTrainer, checkpoint: Path) -> None:
+    """Load a checkpoint's weights and trainer state (step, log history) without training."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if trainer.is_world_process_zero():
+        logger.warning("%s is at the run's last step (max_steps %d): nothing is left to train; saving its weights",
+                       checkpoint, trainer.state.global_step)
 
 
 def save_model_atomically(trainer: UnialignTrainer, cfg: UnialignConfig, method: Method, train_data,
