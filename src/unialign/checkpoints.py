@@ -109,7 +109,10 @@ def verify_checkpoint(path: Path) -> str | None:
         return f"its {MARKER} records no step, so the save may not have finished"
     if checkpoint_step(path) not in (None, step):
         return f"its {MARKER} records step {step}, not the folder's step"
-    for name, expected in (marker.get("files") or {}).items():
+    files = marker.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return f"its {MARKER} has an unreadable file list, so the save may not have finished"
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             return f"{file} is missing"

@@ -249,7 +249,11 @@ def claim_run_dir(output_dir: str | Path, overwrite: bool = False, main_process:
         yield
     finally:
         _HELD.discard(key)
-        if created and {p.name for p in output_dir.iterdir()} <= {RUN_MARKER, LOCK_FILE}:
+        try:
+            untouched = created and {p.name for p in output_dir.iterdir()} <= {RUN_MARKER, LOCK_FILE}
+        except OSError:
+            untouched = False
+        if untouched:
             (output_dir / RUN_MARKER).unlink(missing_ok=True)
             (output_dir / LOCK_FILE).unlink(missing_ok=True)  # still locked: a run that opened it retries
             lock.release()
