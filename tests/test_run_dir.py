@@ -176,6 +176,14 @@ def test_folder_rules(tmp_path):
         check_output_dir(notes, overwrite=True)
     (notes / RUN_MARKER).write_text("{}")  # a unialign run folder: unialign wrote its files
     check_output_dir(notes)
+    earlier = tmp_path / "earlier"  # a run folder from before unialign_run.json existed
+    earlier.mkdir()
+    (earlier / "config.json").write_text(json.dumps({"loss_type": "dpo", "output_dir": str(earlier)}))
+    (earlier / "metrics.jsonl").write_text("")
+    check_output_dir(earlier)
+    (earlier / "model.safetensors").write_text("")  # weights beside it: not a run folder
+    with pytest.raises(RunDirError, match="already holds a model"):
+        check_output_dir(earlier)
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="is a file, not a folder"):
         check_output_dir(tmp_path / "file")

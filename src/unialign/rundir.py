@@ -91,7 +91,8 @@ def check_output_dir(output_dir: Path, overwrite: bool = False) -> None:
     """Raise :class:`RunDirError` (writing nothing) unless a run may write into ``output_dir``.
 
     Usable: a folder that does not exist, an empty one (a left-over lock file counts as nothing), or a
-    unialign run folder (it holds :data:`RUN_MARKER`). Any other folder holds files unialign did not
+    unialign run folder (it holds :data:`RUN_MARKER`, or, from versions before it, unialign's run config
+    and metrics file and no weights). Any other folder holds files unialign did not
     write (a model, a tokenizer, anything) and is refused; with ``overwrite`` it is used, unless one of
     its entries has a name unialign writes (it would be overwritten).
     """
@@ -101,7 +102,7 @@ def check_output_dir(output_dir: Path, overwrite: bool = False) -> None:
     if not output_dir.is_dir():
         raise RunDirError(f"output_dir {output_dir} is a file, not a folder")
     names = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_FILE)
-    if not names or RUN_MARKER in names:
+    if not names or RUN_MARKER in names or _earlier_unialign_run(output_dir):
         return
     kind = "a model" if _looks_like_model(output_dir) else "files unialign did not write"
     if not overwrite:
@@ -117,6 +118,16 @@ def check_output_dir(output_dir: Path, overwrite: bool = False) -> None:
             f"{_listing(clashes)}; even with overwrite_output_dir: true unialign never replaces files it did not "
             "write: choose a new or empty folder"
         )
+
+
+def _earlier_unialign_run(folder: Path) -> bool:
+    """A run folder of a unialign version that wrote no :data:`RUN_MARKER`: its run config, no weights beside it."""
+    try:
+        config = json.loads((folder / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    run_config = isinstance(config, dict) and {"loss_type", "output_dir"} <= config.keys()
+    return run_config and (folder / METRICS_FILE).is_file() and not _looks_like_model(folder)
 
 
 def _looks_like_model(folder: Path) -> bool:
