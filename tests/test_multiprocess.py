@@ -157,8 +157,10 @@ def test_two_processes_match_one_and_only_process_zero_writes(tiny_model_dir, tm
 
     # Process 0 writes the run folder; process 1 writes only its own RNG state into each checkpoint.
     written = set(ranks[0]["writes"])
-    for name in ("config.json", "data_report.txt", "metrics.jsonl", "ref_logps.safetensors", "model/model.safetensors"):
+    for name in ("config.json", "data_report.txt", "metrics.jsonl", "ref_logps.safetensors",
+                 ".model.partial/model.safetensors"):
         assert any(w.endswith(name) and "checkpoint" not in w for w in written), name
+    assert "os.rename model" in written  # the final model is written aside, then renamed into place
     assert any(w.endswith("checkpoint-2/unialign_checkpoint.json") for w in written)
     others = sorted(set(ranks[1]["writes"]))
     assert others == [

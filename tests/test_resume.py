@@ -137,14 +137,15 @@ def test_resume_without_a_checkpoint_starts_fresh_and_caches_reference_logps(
     assert [e.ref_logps for e in second.trainer.train_dataset] == computed
     assert [line["step"] for line in _metrics(out) if "loss" in line] == [1, 2, 3]
 
+    # Changed data is refused on resume (tests/test_run_dir.py); forced, the cached reference log-probs still are.
     data_file.write_text("\n".join(json.dumps(r) for r in pairwise_rows[:7]))
     with pytest.raises(ValueError, match="holds reference log-probs for 8 train rows, but the train data now has 7"):
-        unialign.train({**config, "max_steps": 4}, resume=True)
+        unialign.train({**config, "max_steps": 4}, resume=True, resume_force=True)
 
     changed = [dict(r, chosen=r["chosen"] + " Truly.") if i == 3 else r for i, r in enumerate(pairwise_rows)]
     data_file.write_text("\n".join(json.dumps(r) for r in changed))
     with pytest.raises(ValueError, match="the train data changed since its reference log-probs were computed"):
-        unialign.train({**config, "max_steps": 4}, resume=True)
+        unialign.train({**config, "max_steps": 4}, resume=True, resume_force=True)
 
 
 def test_explicit_checkpoint_must_be_complete(tmp_path):

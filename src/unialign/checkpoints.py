@@ -2,8 +2,10 @@
 
 ``transformers.Trainer`` writes a checkpoint file by file, so a kill during a save leaves a folder that
 looks like a checkpoint but lacks (or has half of) the optimizer or trainer state. unialign writes a
-marker, :data:`MARKER`, into a checkpoint only after every process has finished writing it; resume
-only ever picks a checkpoint that has one.
+marker, :data:`MARKER`, into a checkpoint only after every process has finished writing it. The marker
+records the size and sha256 of every file, and the settings the checkpoint was trained with; resume
+only ever picks a checkpoint whose marker is readable and whose files still match it, and refuses to
+continue with settings that change what is trained (:data:`RESUME_SAFE_KEYS` lists those that do not).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from array import array
 from collections.abc import Sequence
@@ -24,12 +25,11 @@ import torch
 
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import field_values, store_values, token_arrays
+from unialign.rundir import CHECKPOINT_MARKER, CHECKPOINT_RE
 
 logger = logging.getLogger(__name__)
 
-MARKER = "unialign_checkpoint.json"
-REF_LOGPS_FILE = "ref_logps.safetensors"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MARKER = CHECKPOINT_MARKER
 _REF_FIELDS = ("ref_prompt_logps", "ref_kl_logps")
 
 
@@ -57,24 +57,73 @@ def atomic_write_text(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_step(path: Path) -> int | None:
     """The step in a ``checkpoint-N`` folder name, or ``None`` for any other name."""
-    match = _CHECKPOINT_RE.match(Path(path).name)
+    match = CHECKPOINT_RE.match(Path(path).name)
     return int(match.group(1)) if match else None
 
 
 def is_complete(path: Path) -> bool:
-    """Whether a checkpoint folder was fully written (its completion marker exists)."""
+    """Whether a checkpoint folder was fully written (its completion marker exists; see :func:`verify_checkpoint`)."""
     return (Path(path) / MARKER).is_file()
 
 
 def read_marker(path: Path) -> dict[str, Any]:
-    """The completion marker's contents (step, data fingerprint)."""
+    """The completion marker's contents: step, data fingerprint, files (size, sha256), settings."""
     return json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
 
 
-def mark_complete(path: Path, step: int, data_fingerprint: str | None) -> None:
-    """Record that every file of the checkpoint at ``path`` is written. Call it last, on one process."""
-    info = {"step": step, "data_fingerprint": data_fingerprint}
-    atomic_write_text(Path(path) / MARKER, json.dumps(info) + "\n")
+def mark_complete(path: Path, step: int, data_fingerprint: str | None, settings: dict[str, Any] | None = None) -> None:
+    """Record that every file of the checkpoint at ``path`` is written. Call it last, on one process.
+
+    The marker lists each file with its size and sha256 (:func:`verify_checkpoint` checks them) and
+    ``settings``, what :func:`training_settings` recorded (:func:`resume_differences` compares them).
+    """
+    path = Path(path)
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
+        files[file.relative_to(path).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+    info = {"step": step, "data_fingerprint": data_fingerprint, "files": files, "settings": settings}
+    atomic_write_text(path / MARKER, json.dumps(info) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path``, or ``None`` when it is complete and intact.
+
+    Complete: its marker exists, is readable and records the folder's step. Intact: every file the
+    marker lists has the recorded size and sha256 (a marker from before files were recorded skips this).
+    """
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        return f"it has no {MARKER}, so its save was interrupted"
+    try:
+        marker = read_marker(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"its {MARKER} is unreadable ({' '.join(str(err).split())}), so the save may not have finished"
+    step = marker.get("step") if isinstance(marker, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"its {MARKER} records no step, so the save may not have finished"
+    if checkpoint_step(path) not in (None, step):
+        return f"its {MARKER} records step {step}, not the folder's step"
+    files = marker.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return f"its {MARKER} has an unreadable file list, so the save may not have finished"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != expected.get("size"):
+            return f"{file} is {size} bytes but was saved with {expected.get('size')} (truncated or overwritten)"
+        if _sha256(file) != expected.get("sha256"):
+            return f"{file} does not match the sha256 recorded when it was saved (corrupted)"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -87,20 +136,37 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or ``None``. Incomplete ones are skipped with a warning."""
+    """The intact checkpoint with the highest step, or ``None``. Others are skipped with a warning naming why."""
     for path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path):
+        problem = verify_checkpoint(path)
+        if problem is None:
             return path
-        logger.warning("skipping %s: it has no %s, so its save was interrupted", path, MARKER)
+        logger.warning("skipping %s: %s", path, problem)
     return None
+
+
+def last_checkpoint_hint(output_dir: Path) -> str:
+    """Where a run stopped by a failed write can continue from, as the end of its error message.
+
+    Checks markers only (no hashing): it is called on the error path, right after a failure.
+    """
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            step = read_marker(path).get("step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return f"{path} (step {step}) is the last complete checkpoint: fix the cause, then resume=true continues"
+    return "there is no complete checkpoint to resume from (save_strategy: steps keeps some)"
 
 
 def resolve_resume(output_dir: Path, resume: bool, resume_from_checkpoint: str | None) -> Path | None:
     """The checkpoint a run continues from, or ``None`` to start fresh.
 
-    ``resume_from_checkpoint`` (a path) wins over ``resume``; it must be a complete checkpoint.
-    ``resume`` picks the newest complete checkpoint in ``output_dir``, and starts fresh with a logged
-    message when there is none.
+    ``resume_from_checkpoint`` (a path) wins over ``resume``; it must be complete and intact.
+    ``resume`` picks the newest intact checkpoint in ``output_dir``, skipping (with a warning naming the
+    file) any whose save was interrupted or whose files no longer match their marker, and starts fresh
+    with a logged message when there is none.
     """
     if resume_from_checkpoint:
         path = Path(resume_from_checkpoint)
@@ -112,15 +178,92 @@ def resolve_resume(output_dir: Path, resume: bool, resume_from_checkpoint: str |
                 "by unialign, so it may be incomplete. Pick a complete checkpoint, or use resume=true to take "
                 "the newest complete one"
             )
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise ValueError(
+                f"resume_from_checkpoint: {path} cannot be trusted: {problem}. Pick another checkpoint, or use "
+                "resume=true to take the newest intact one"
+            )
         return path
     if not resume:
         return None
+    newest = list_checkpoints(output_dir)
     path = latest_complete_checkpoint(output_dir)
     if path is None:
         logger.warning("resume=true but %s holds no complete checkpoint: starting from scratch", output_dir)
+    elif path != newest[-1]:
+        logger.warning("resuming from %s, the newest intact checkpoint", path)
     else:
         logger.warning("resuming from %s", path)
     return path
+
+
+# ----------------------------------------------------------------------------- what a resume may change
+# Keys that may differ between a checkpoint and the run resuming from it: they decide how a run is logged,
+# saved, evaluated, launched or computed, not what is trained (the log-prob, prefix-sharing and compile
+# options give the same values). Every other config key is compared. `dataset` is compared by path and the
+# data by its fingerprint. This is the one list.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "output_dir", "overwrite_output_dir", "resume", "resume_from_checkpoint", "resume_force",
+        "ignore_data_skip", "restore_callback_states_from_checkpoint",
+        "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level",
+        "log_level_replica", "log_on_each_node", "report_to", "run_name", "project", "disable_tqdm",
+        "skip_memory_metrics", "include_num_input_tokens_seen", "trackio_space_id", "trackio_bucket_id",
+        "trackio_static_space_id",
+        "save_strategy", "save_steps", "save_total_limit", "save_on_each_node", "save_only_model", "save_merged",
+        "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+        "hub_revision",
+        "eval_dataset", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_accumulation_steps",
+        "eval_do_concat_batches", "eval_use_gather_object", "per_device_eval_batch_size", "batch_eval_metrics",
+        "prediction_loss_only", "include_for_metrics", "metric_for_best_model", "greater_is_better",
+        "load_best_model_at_end", "do_train", "do_eval", "do_predict", "bf16_full_eval", "fp16_full_eval",
+        "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+        "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "local_rank", "ddp_timeout", "debug",
+        "torch_empty_cache_steps", "cpu_keep_freed_memory", "compile_layers", "logprob_impl", "logprob_chunk_size",
+        "prefix_sharing", "gradient_checkpointing", "gradient_checkpointing_kwargs", "on_nonfinite",
+        "allow_pickle", "trust_remote_code", "vllm_gpu_memory_utilization", "vllm_max_model_len",
+    }
+)
+# Keys that may grow on resume, to train a run further (a decaying learning-rate schedule then follows the new end).
+RESUME_GROWABLE_KEYS = frozenset({"max_steps", "num_train_epochs"})
+
+
+class ResumeMismatchError(ValueError):
+    """A resume whose settings differ from the checkpoint's in keys that change what is trained."""
+
+
+def training_settings(args: Any) -> dict[str, Any]:
+    """The config values (as JSON) a checkpoint records: every key but :data:`RESUME_SAFE_KEYS`."""
+    values = json.loads(args.to_json_string())
+    return {key: value for key, value in values.items() if key not in RESUME_SAFE_KEYS}
+
+
+def resume_differences(marker: dict[str, Any], args: Any, data_fingerprint: str | None) -> list[str]:
+    """``key old → new`` for every recorded setting this run changes, and the training data if it changed.
+
+    Keys the checkpoint did not record (older markers, keys added since) are not compared; the keys of
+    :data:`RESUME_GROWABLE_KEYS` may grow.
+    """
+    saved = marker.get("settings") or {}
+    current = training_settings(args)
+    changed = []
+    for key in sorted(saved.keys() & current.keys()):
+        old, new = saved[key], current[key]
+        if old == new:
+            continue
+        if key in RESUME_GROWABLE_KEYS and _grows(old, new):
+            continue
+        changed.append(f"{key} {old!r} → {new!r}")
+    recorded = marker.get("data_fingerprint")
+    if recorded is not None and data_fingerprint is not None and recorded != data_fingerprint:
+        changed.append(f"training data (tokenized rows) {recorded} → {data_fingerprint}")
+    return changed
+
+
+def _grows(old: Any, new: Any) -> bool:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
+    return numbers and old > 0 and new > old
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

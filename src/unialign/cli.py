@@ -18,8 +18,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from unialign.rundir import RunDirError
+
     try:
         return args.func(args) or 0
+    except RunDirError as err:  # the run folder is taken or foreign (3), or writing it failed (4)
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, OSError, TypeError) as err:  # user errors: one clear line, no traceback
         if getattr(args, "debug", False):
             raise

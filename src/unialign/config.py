@@ -196,6 +196,14 @@ class UnialignConfig(TrainingArguments):
         default="stop",
         metadata={"help": "stop: save the last good step and stop with a message; skip: skip the batch and count it"},
     )
+    resume_force: bool = field(
+        default=False,
+        metadata={"help": "resume even when settings that change what is trained differ from the checkpoint's"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "write the run into a folder holding files unialign did not write (never replacing them)"},
+    )
     # --- online UNA (SPEC §4, docs/online.md); TRL's names where TRL has one
     reward: str | None = field(
         default=None,

@@ -12,12 +12,15 @@ import numpy as np
 from transformers import TrainerCallback
 
 from unialign.checkpoints import (
-    REF_LOGPS_FILE,
+    ResumeMismatchError,
+    atomic_write_text,
+    last_checkpoint_hint,
     list_checkpoints,
     load_ref_logps,
     prepare_metrics_file,
     read_marker,
     resolve_resume,
+    resume_differences,
     save_ref_logps,
 )
 from unialign.config import UnialignConfig, load_config
@@ -29,6 +32,17 @@ from unialign.data.tokenize import DropReport
 from unialign.data.tokenized import TokenizedDataset, max_completions, tokenize_table
 from unialign.losses.registry import Method, check_format, get_method
 from unialign.models import apply_lora, disable_dropout, load_model, load_tokenizer
+from unialign.rundir import (
+    DATA_REPORT,
+    METRICS_FILE,
+    MODEL_DIR,
+    PARTIAL_MODEL_DIR,
+    REF_LOGPS_FILE,
+    RUN_CONFIG,
+    claim_run_dir,
+    publish_model_dir,
+    storage_errors,
+)
 from unialign.trainer import UnialignTrainer
 
 logger = logging.getLogger(__name__)
@@ -206,18 +220,29 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
     Args:
         config: a :class:`UnialignConfig`, a dict of config keys, or the path of a YAML file.
         overrides: config keys that replace the file's values.
+
+    The run holds ``output_dir`` from the start (docs/reliability.md, "The run directory"): a folder
+    another run holds, or one with files unialign did not write, raises
+    :class:`~unialign.rundir.RunDirError`; a full disk or a refused permission while writing raises
+    :class:`~unialign.rundir.StorageError`.
     """
     cfg = _as_config(config, overrides)
     method = get_method(cfg.loss_type).for_config(cfg)
-    if method.online:  # sample-score-update methods (docs/online.md) run their own loop
-        from unialign.online import train_online
-
-        return train_online(cfg)
-    if cfg.dataset is None:
+    if not method.online and cfg.dataset is None:
         raise ValueError(
             "config key 'dataset' is not set: give a file, a datasets folder, bundled:<format> (or bundled), "
             "a hub name, a list of rows or a datasets.Dataset"
         )
+    # Claimed before anything loads, so that a second run on the same folder stops at once.
+    with claim_run_dir(cfg.output_dir, cfg.overwrite_output_dir, main_process=cfg.should_save):
+        if method.online:  # sample-score-update methods (docs/online.md) run their own loop
+            from unialign.online import train_online
+
+            return train_online(cfg)
+        return _train_offline(cfg, method)
+
+
+def _train_offline(cfg: UnialignConfig, method: Method) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     # Under several processes the first one tokenizes and writes the cache; the others then read it.
     with cfg.main_process_first(desc="tokenizing the dataset"):
@@ -243,7 +268,7 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
         eval_dataset=eval_data.examples if eval_data else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
+        callbacks=[MetricsFileCallback(output_dir / METRICS_FILE)],
     )
 
     def precompute(resumed: bool) -> None:
@@ -257,35 +282,89 @@ def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, outpu
                  before_train=None) -> TrainResult:
     """The run-directory lifecycle shared by offline and online training.
 
-    Finds the checkpoint to resume from, writes ``config.json``, ``data_report.txt`` and a fresh or
-    trimmed ``metrics.jsonl`` (main process), calls ``before_train(resumed)`` when given, trains,
-    then saves the model, its card and the plots. ``train_data`` needs ``report``, ``source`` and
-    ``format`` (for the card).
+    Claims ``output_dir`` (:func:`unialign.rundir.claim_run_dir`; a no-op when :func:`train` already
+    has), finds the checkpoint to resume from, writes ``config.json``, ``data_report.txt`` and a fresh
+    or trimmed ``metrics.jsonl`` (main process), calls ``before_train(resumed)`` when given, trains,
+    then saves the model with its card (atomically: :func:`save_model_atomically`) and the plots.
+    ``train_data`` needs ``report``, ``source`` and ``format`` (for the card).
     """
-    resume_from = resume_checkpoint(trainer, cfg, output_dir)
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(cfg.to_json_string(), encoding="utf-8")
-        (output_dir / "data_report.txt").write_text(train_data.report.summary() + "\n", encoding="utf-8")
-        prepare_metrics_file(output_dir / "metrics.jsonl", read_marker(resume_from)["step"] if resume_from else None)
-    if before_train is not None:
-        before_train(resume_from is not None)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    model_dir = save_final_model(trainer, cfg, output_dir / "model")
-    metrics = final_metrics(trainer.state.log_history)
-    if trainer.is_world_process_zero():
-        write_model_card(model_dir, cfg, method, train_data, metrics)
-        from unialign.plots import plot_run
+    with claim_run_dir(output_dir, cfg.overwrite_output_dir, main_process=trainer.args.should_save):
+        resume_from = resume_checkpoint(trainer, cfg, output_dir)
+        main = trainer.is_world_process_zero()
+        if main:
+            with storage_errors("writing the run's config and reports", output_dir, "nothing was trained"):
+                output_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(output_dir / RUN_CONFIG, cfg.to_json_string())
+                atomic_write_text(output_dir / DATA_REPORT, train_data.report.summary() + "\n")
+                resume_step = read_marker(resume_from)["step"] if resume_from else None
+                prepare_metrics_file(output_dir / METRICS_FILE, resume_step)
+        if before_train is not None:
+            before_train(resume_from is not None)
+        if resume_from is not None and finished_at(trainer, cfg, resume_from):
+            restore_checkpoint(trainer, resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        metrics = final_metrics(trainer.state.log_history)
+        model_dir = save_model_atomically(trainer, cfg, method, train_data, metrics, output_dir)
+        if main:
+            from unialign.plots import plot_run
 
-        plot_run(output_dir)
-    return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
+            with storage_errors("drawing the plots", output_dir, f"the model is saved in {model_dir}"):
+                plot_run(output_dir)
+        return TrainResult(output_dir, model_dir, metrics, train_data.report, trainer)
+
+
+def finished_at(trainer: UnialignTrainer, cfg: UnialignConfig, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is already at the run's last step (``max_steps``), so nothing is left to train.
+
+    transformers 5 trains one step more when it resumes from the last step, so such a resume, the one a
+    failed final save asks for, must not go through ``Trainer.train``. Sharded runs (DeepSpeed, FSDP)
+    restore their state only inside ``Trainer.train``, so they take that path.
+    """
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    return not sharded and 0 < cfg.max_steps <= read_marker(checkpoint)["step"]
+
+
+def restore_checkpoint(trainer: UnialignTrainer, checkpoint: Path) -> None:
+    """Load a checkpoint's weights and trainer state (step, log history) without training."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if trainer.is_world_process_zero():
+        logger.warning("%s is at the run's last step (max_steps %d): nothing is left to train; saving its weights",
+                       checkpoint, trainer.state.global_step)
+
+
+def save_model_atomically(trainer: UnialignTrainer, cfg: UnialignConfig, method: Method, train_data,
+                          metrics: dict[str, float], output_dir: Path) -> Path:
+    """Write the final model and its card to a temporary folder, then rename it to ``<output_dir>/model``.
+
+    An earlier ``model/`` stays until the new one is complete. A full disk or a refused permission
+    removes the temporary folder and raises :class:`unialign.rundir.StorageError` naming the file.
+    """
+    partial = output_dir / PARTIAL_MODEL_DIR
+    main = trainer.is_world_process_zero()
+    with storage_errors(
+        "saving the final model",
+        partial,
+        lambda: f"{output_dir / MODEL_DIR} was left as it was, and {last_checkpoint_hint(output_dir)}",
+        cleanup=partial if main else None,
+    ):
+        save_final_model(trainer, cfg, partial)
+        if not main:
+            return output_dir / MODEL_DIR
+        write_model_card(partial, cfg, method, train_data, metrics)
+        return publish_model_dir(output_dir)
 
 
 def resume_checkpoint(trainer: UnialignTrainer, cfg: UnialignConfig, output_dir: Path) -> Path | None:
-    """The complete checkpoint to continue from (``resume`` / ``resume_from_checkpoint``), or ``None``.
+    """The intact checkpoint to continue from (``resume`` / ``resume_from_checkpoint``), or ``None``.
 
-    Warns when the training data differs from the data the checkpoint was trained on, and when a fresh
-    run finds checkpoints of an earlier run in ``output_dir``.
+    Refuses (:class:`~unialign.checkpoints.ResumeMismatchError`, listing each key as ``old → new``) when
+    the run's settings or training data differ from the checkpoint's in what is trained, unless
+    ``resume_force`` is set: then it warns and continues. Warns when a fresh run finds checkpoints of an
+    earlier run in ``output_dir``.
     """
     resume_from = resolve_resume(output_dir, cfg.resume, cfg.resume_from_checkpoint)
     if resume_from is None:
@@ -298,12 +377,18 @@ def resume_checkpoint(trainer: UnialignTrainer, cfg: UnialignConfig, output_dir:
                 ", ".join(p.name for p in earlier),
             )
         return None
-    saved = read_marker(resume_from).get("data_fingerprint")
-    if saved is not None and saved != trainer.data_fingerprint:
+    changes = resume_differences(read_marker(resume_from), cfg, trainer.data_fingerprint)
+    if changes and not cfg.resume_force:
+        raise ResumeMismatchError(
+            f"resume: {resume_from} was trained with other settings: {'; '.join(changes)}. Set resume_force: true "
+            "to continue from it with the new settings, or start a new run in another output_dir"
+        )
+    if changes and trainer.is_world_process_zero():
         logger.warning(
-            "the training data differs from the data %s was trained on: training continues on the new data, "
-            "so the batches after step %d are not the ones the original run would have seen",
+            "resume_force: continuing from %s with changed settings: %s. The steps up to %d were trained with the "
+            "old settings and metrics.jsonl holds both",
             resume_from,
+            "; ".join(changes),
             read_marker(resume_from)["step"],
         )
     return resume_from

@@ -24,7 +24,13 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from unialign.allocator import keep_freed_memory
-from unialign.checkpoints import data_fingerprint, is_complete, mark_complete
+from unialign.checkpoints import (
+    data_fingerprint,
+    is_complete,
+    last_checkpoint_hint,
+    mark_complete,
+    training_settings,
+)
 from unialign.data.collate import has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import TokenizedDataset, store_values
@@ -32,6 +38,7 @@ from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrapp
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
 from unialign.models import compile_blocks
+from unialign.rundir import storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -201,16 +208,44 @@ class UnialignTrainer(Trainer):
         """Trainer's checkpoint, made crash-safe: a completion marker is written once every process is done.
 
         A folder left at the same step (by a save that was killed, or an earlier run) is removed first, so
-        old and new files never mix. Resume only picks checkpoints that have the marker.
+        old and new files never mix. The marker records every file's size and sha256 and the run's
+        settings; resume only picks checkpoints whose marker is there and whose files still match it. A
+        full disk or a refused permission removes the partial folder and stops with a :class:`StorageError`.
         """
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and folder.exists():
-            shutil.rmtree(folder)
-        self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            mark_complete(folder, self.state.global_step, self.data_fingerprint)
+        main = self.args.should_save
+        with storage_errors(
+            f"saving checkpoint {folder.name} (step {self.state.global_step})",
+            folder,
+            lambda: f"the partial checkpoint was removed, and {last_checkpoint_hint(folder.parent)}",
+            cleanup=folder if main else None,
+        ):
+            if main and folder.exists():
+                shutil.rmtree(folder)
+            self.accelerator.wait_for_everyone()
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if main:
+                mark_complete(folder, self.state.global_step, self.data_fingerprint, training_settings(self.args))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's restore, then the configured learning rate, where it differs from the checkpoint's.
+
+        The restored optimizer and scheduler carry the checkpoint's learning rate; a resume that was told to
+        use another one (``resume_force``) gets it from here on, along the same schedule.
+        """
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        wanted = self.args.learning_rate
+        if all(base == wanted for base in scheduler.base_lrs):
+            return
+        scheduler.base_lrs = [wanted] * len(scheduler.base_lrs)
+        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = wanted
+            group["lr"] = wanted * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     @property
     def data_fingerprint(self) -> str | None:

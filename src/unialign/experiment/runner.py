@@ -325,7 +325,10 @@ def train_model(config: dict[str, Any]):
     from unialign.pipeline import train
 
     peer = get_peer(config["loss_type"])
-    return peer.train(config) if peer is not None else train(config)
+    if peer is not None:
+        return peer.train(config)
+    # The run folder already holds the runner's own job.json and log.txt: train beside them.
+    return train({**config, "overwrite_output_dir": True})
 
 
 def execute_job(job: dict[str, Any]) -> dict[str, Any]:
