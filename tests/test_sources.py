@@ -60,8 +60,8 @@ def test_the_shipped_set_is_reached_by_its_scheme(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write_jsonl(tmp_path / "bundled")  # a user file of that name does not shadow the scheme
     train = read_rows("bundled:pairwise")
-    assert len(train) == _shipped_pairs("train") and set(train[0]) == {"prompt", "chosen", "rejected",
-                                                                        "chosen_score", "rejected_score"}
+    assert len(train) == _shipped_pairs("train") and set(train[0]) == {
+        "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_ended", "rejected_ended"}
     assert len(read_rows("bundled:pairwise:test")) == _shipped_pairs("test")
     assert len(read_rows("bundled:pairwise", split="test")) == _shipped_pairs("test")
 
