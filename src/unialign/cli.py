@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,26 +20,57 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from unialign.rundir import RunDirError
-
+    debug = getattr(args, "debug", False) or os.environ.get("UNIALIGN_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
-    except RunDirError as err:  # the run folder is taken or foreign (3), or writing it failed (4)
-        if getattr(args, "debug", False):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except (ValueError, OSError, TypeError) as err:  # user errors: one clear line, no traceback
-        if getattr(args, "debug", False):
+        print("interrupted: stopped by Ctrl-C; complete checkpoints in the run folder are kept "
+              "(resume=true continues from the newest)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # sorted below into the user's mistakes and real bugs
+        if debug:
             raise
+        if not is_user_error(err):
+            traceback.print_exc()
+            print(f"error: unexpected {type(err).__name__} (a bug in unialign or a library it calls; the traceback "
+                  "is above, please report it)", file=sys.stderr)
+            return EXIT_BUG
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", EXIT_USER)
+
+
+EXIT_USER, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130  # 3 and 4 are the run folder's (unialign.rundir)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a mistake the user can fix (one line) rather than a bug (a traceback).
+
+    Bad data, configs and run folders have their own types, and the file system's errors (a missing
+    file, no space, no permission) are the user's to fix. A ``ValueError``, ``TypeError`` or
+    ``RuntimeError`` counts when unialign itself raised it: those are its checks of what it was given.
+    The same types raised deep inside torch or transformers, and errors such as ``KeyError`` or
+    ``AttributeError``, are bugs and keep their traceback.
+    """
+    from unialign.config import ConfigError
+    from unialign.data.errors import DataError
+
+    if isinstance(err, (DataError, ConfigError, OSError)):
+        return True
+    if not isinstance(err, (ValueError, TypeError, RuntimeError)):
+        return False
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="unialign", description="Align language models: UNA, RAO, TPO, DPO and more.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks (or set UNIALIGN_DEBUG=1)")
     sub = parser.add_subparsers(title="commands")
 
     train = sub.add_parser(

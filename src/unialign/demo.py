@@ -33,7 +33,7 @@ DEMO_CONFIG = {
     "lr_scheduler_type": "constant",
     "max_steps": 30,
     "per_device_train_batch_size": 4,
-    "max_length": 160,
+    "max_length": 256,
     "max_prompt_length": 96,
     "logging_steps": 5,
     "report_to": "none",
@@ -45,7 +45,7 @@ DEMO_CONFIG = {
 def run_demo(
     output_dir: str = "runs/demo",
     eval_prompts: int = 85,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 192,
     overrides: dict | None = None,
     samples_per_prompt: int = 2,
     temperature: float = 0.7,
