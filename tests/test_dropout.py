@@ -15,7 +15,7 @@ import unialign
 from tests.conftest import tiny_dpo_config
 from unialign.config import load_config
 from unialign.losses.registry import get_method
-from unialign.pipeline import build_models
+from unialign.run import build_models
 
 DROPOUT = 0.3
 

@@ -13,7 +13,7 @@ from unialign.config import load_config
 from unialign.data.collate import PreferenceCollator
 from unialign.data.tokenize import tokenize_rows
 from unialign.losses.registry import get_method
-from unialign.pipeline import build_models
+from unialign.run import build_models
 from unialign.trainer import UnialignTrainer
 
 

@@ -2,7 +2,8 @@
 
 from unialign.config import UnialignConfig, load_config
 from unialign.models import load_model, load_tokenizer
-from unialign.pipeline import TrainResult, train
+from unialign.pipeline import train
+from unialign.run import TrainResult
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ from typing import Any
 
 @dataclass
 class PeerResult:
-    """What a peer's training leaves, shaped like :class:`unialign.pipeline.TrainResult`.
+    """What a peer's training leaves, shaped like :class:`unialign.run.TrainResult`.
 
     ``trainer`` holds the trained policy in memory; ``model_dir`` has it merged and saved.
     """

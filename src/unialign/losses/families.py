@@ -1,4 +1,4 @@
-"""Imports every loss family so that each registers its methods."""
+"""Imports every offline loss family so that each registers its methods."""
 
 from unialign.losses import (  # noqa: F401
     dpo,

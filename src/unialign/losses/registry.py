@@ -89,7 +89,6 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     """Look a method up by name or TRL alias; unknown names list the known ones."""
-    _load_all()
     key = ALIASES.get(name, name)
     if key not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
@@ -99,7 +98,6 @@ def get_method(name: str) -> Method:
 
 def all_methods() -> list[Method]:
     """Every registered method, sorted by name."""
-    _load_all()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
@@ -112,8 +110,3 @@ def check_format(method: Method, data_format: str) -> None:
         f"method {method.name!r} trains on {' or '.join(method.formats)} data, but the dataset is "
         f"{data_format}; make {wanted} rows with {CONVERTER_HINTS.get(wanted, 'a converter')}"
     )
-
-
-def _load_all() -> None:
-    # Importing the family modules registers their methods.
-    from unialign.losses import families, una_online  # noqa: F401

@@ -39,6 +39,7 @@ from unialign.online.rollout import (
 )
 from unialign.rewards.base import RewardSource
 from unialign.rewards.sources import load_reward
+from unialign.run import MetricsFileCallback, build_models, run_training
 from unialign.trainer import UnialignTrainer, gather_slots
 
 logger = logging.getLogger(__name__)
@@ -298,10 +299,9 @@ def train_online(cfg, reward: RewardSource | None = None):
         cfg: a :class:`~unialign.config.UnialignConfig` with ``reward`` set (or ``reward`` passed here).
         reward: a reward source object, overriding ``cfg.reward`` (for callers that built one already).
     Returns:
-        A :class:`~unialign.pipeline.TrainResult`.
+        A :class:`~unialign.run.TrainResult`.
     """
     from unialign.models import load_tokenizer
-    from unialign.pipeline import MetricsFileCallback, build_models, run_training
 
     method = get_method(cfg.loss_type).for_config(cfg)
     if cfg.dataset is None:
