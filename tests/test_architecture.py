@@ -77,3 +77,18 @@ def test_the_package_has_no_import_cycle():
     assert graph["unialign.pipeline"] >= {"unialign.online", "unialign.run"}  # the reader sees real edges
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_importing_unialign_loads_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, unialign, unialign.data.io, unialign.data.formats\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+        "unialign.load_config\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"  # nothing heavy until a public function is used
+    assert out[1] == "True"  # and the names still resolve, loading what they need
