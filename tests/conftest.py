@@ -37,9 +37,8 @@ def tokenizer(tmp_path_factory):
     return _build_tokenizer(cache_dir())
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
-    """A 2-layer random Llama over the real 49k vocabulary, saved as safetensors with the tokenizer."""
+def save_tiny_llama(folder, tokenizer, **config_extra) -> str:
+    """Save a 2-layer random Llama over the tokenizer's vocabulary (seed 0) with the tokenizer into ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -55,12 +54,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        **config_extra,
     )
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder, safe_serialization=True)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer random Llama over the real 49k vocabulary, saved as safetensors with the tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def tiny_dpo_config(model_dir: str, dataset: str, output_dir, **extra) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import unialign
-from tests.conftest import tiny_dpo_config
+from tests.conftest import save_tiny_llama, tiny_dpo_config
 from unialign.config import load_config
 from unialign.losses.registry import get_method
 from unialign.run import build_models
@@ -23,27 +23,7 @@ DROPOUT = 0.3
 @pytest.fixture(scope="module")
 def dropout_model_dir(tmp_path_factory, tokenizer) -> str:
     """The conftest's tiny Llama, with attention dropout 0.3 in its config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        attention_dropout=DROPOUT,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama-dropout")
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-dropout"), tokenizer, attention_dropout=DROPOUT)
 
 
 def _config(model_dir, data_file, tmp_path, **extra):
