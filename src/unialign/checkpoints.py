@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unialign import jsonfile
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import field_values, store_values, token_arrays
 
@@ -74,7 +75,7 @@ def read_marker(path: Path) -> dict[str, Any]:
 def mark_complete(path: Path, step: int, data_fingerprint: str | None) -> None:
     """Record that every file of the checkpoint at ``path`` is written. Call it last, on one process."""
     info = {"step": step, "data_fingerprint": data_fingerprint}
-    atomic_write_text(Path(path) / MARKER, json.dumps(info) + "\n")
+    atomic_write_text(Path(path) / MARKER, jsonfile.dumps(info) + "\n")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

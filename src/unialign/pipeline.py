@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
+from unialign import jsonfile
 from unialign.checkpoints import (
     REF_LOGPS_FILE,
     list_checkpoints,
@@ -197,7 +197,7 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                handle.write(jsonfile.dumps({"step": state.global_step, **logs}) + "\n")
 
 
 def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> TrainResult:
@@ -265,7 +265,7 @@ def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, outpu
     resume_from = resume_checkpoint(trainer, cfg, output_dir)
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(cfg.to_json_string(), encoding="utf-8")
+        (output_dir / "config.json").write_text(jsonfile.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         (output_dir / "data_report.txt").write_text(train_data.report.summary() + "\n", encoding="utf-8")
         prepare_metrics_file(output_dir / "metrics.jsonl", read_marker(resume_from)["step"] if resume_from else None)
     if before_train is not None:
