@@ -86,6 +86,15 @@ def tiny_dpo_config(model_dir: str, dataset: str, output_dir, **extra) -> dict:
     }
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text: str):
+    """``json.loads`` as a strict parser reads it: ``NaN``, ``Infinity`` and ``-Infinity`` are refused."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def conversation(user: str) -> list[dict]:
     """A one-turn conversational prompt."""
     return [{"role": "user", "content": user}]

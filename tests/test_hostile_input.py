@@ -75,6 +75,43 @@ def test_unreadable_files_name_file_and_line(name, row, problem, on_bad_row, tok
     assert info.value.row == (row - 1 if row is not None else None)
 
 
+# A key given twice is valid JSON syntax that does not say which value is meant: a read error like malformed
+# JSON (the parser finds it, so it is fatal whatever on_bad_row says), but one that names the row and field.
+DUPLICATE = "appears more than once in {}; JSON keys must be unique, and which value was meant cannot be told"
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "drop"])
+def test_a_duplicated_key_is_an_error_naming_row_and_field(on_bad_row, tokenizer, tmp_path):
+    with pytest.raises(DataError) as info:
+        load("duplicate_keys.jsonl", tokenizer, on_bad_row=on_bad_row)
+    assert str(info.value) == f"{BAD / 'duplicate_keys.jsonl'}, row 2, field 'chosen': the key 'chosen' " + \
+        DUPLICATE.format("this row")
+    assert (info.value.row, info.value.field) == (1, "chosen")
+    cfg = load_config(None, {"loss_type": "dpo", "output_dir": str(tmp_path), "max_length": MAX_LENGTH,
+                             "on_bad_row": on_bad_row})
+    with pytest.raises(DataError, match=r"duplicate_keys.jsonl, row 2, field 'chosen': the key 'chosen' appears"):
+        prepare_data(str(BAD / "duplicate_keys.jsonl"), cfg, get_method("dpo"), tokenizer)  # the Arrow path
+
+
+def test_a_duplicated_key_inside_a_message_names_the_column(tmp_path):
+    lines = (BAD / "duplicate_keys.jsonl").read_text(encoding="utf-8").splitlines()
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text("\n".join([lines[0], lines[2]]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(str(nested))
+    assert str(info.value) == f"{nested}, row 2, field 'prompt': the key 'content' " + DUPLICATE.format("prompt[0]")
+    as_json = tmp_path / "rows.json"  # a .json file: the row is found by position in the list
+    as_json.write_text("[" + ", ".join([lines[0], lines[2]]) + "]", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(str(as_json))
+    assert str(info.value) == f"{as_json}, row 2, field 'prompt': the key 'content' " + DUPLICATE.format("prompt[0]")
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text('{"data": [], "data": [' + lines[0] + "]}", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(str(wrapped))
+    assert str(info.value) == f"{wrapped}: the key 'data' " + DUPLICATE.format("the file's top-level object")
+
+
 # --- bad rows: an error naming file, 1-based row and field; or, with on_bad_row="drop", exactly those rows dropped
 
 ROW_ERRORS = [

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import unialign
 import unialign.pipeline
-from tests.conftest import tiny_dpo_config
+from tests.conftest import strict_json, tiny_dpo_config
 from unialign.checkpoints import MARKER
 from unialign.losses.base import LossOutput
 from unialign.losses.registry import get_method
@@ -94,9 +94,11 @@ def test_skip_counts_the_batch_and_applies_no_update(tiny_model_dir, data_file, 
     out = tmp_path / "run"
     result = unialign.train(_config(tiny_model_dir, data_file, out, on_nonfinite="skip"))
     assert result.trainer.nonfinite_skipped == 1
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # metrics.jsonl stays valid JSON: the NaN loss of the skipped step is written as null
+    lines = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [line["nonfinite_skipped"] for line in lines] == [0, 1, 1]
-    assert math.isnan(lines[1]["loss"]) and math.isfinite(lines[2]["loss"])  # step 2 had no loss to show
+    assert lines[1]["loss"] is None and math.isfinite(lines[2]["loss"])  # step 2 had no loss to show
+    assert strict_json((out / "config.json").read_text())["on_nonfinite"] == "skip"
     assert "grad_norm" not in lines[1] and "rewards/margins" not in lines[1]  # nor metrics from the bad batch
     assert all(math.isfinite(lines[i]["rewards/margins"]) for i in (0, 2))
     optimizer = result.trainer.optimizer

@@ -41,6 +41,8 @@ from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unialign import jsonfile
+
 # method → (bundled data, hyperparameters shared by both libraries, how TRL runs it or None)
 METHODS: dict[str, dict[str, Any]] = {
     "dpo": {"data": "bundled:pairwise", "params": {"beta": 0.1}, "trl": "DPOTrainer"},
@@ -758,7 +760,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         folder = Path(cfg.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json"
-        path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        path.write_text(jsonfile.dumps(report, indent=1) + "\n", encoding="utf-8")
         report["path"] = str(path)
     return report
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unialign import jsonfile
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import field_values, store_values, token_arrays
 from unialign.rundir import CHECKPOINT_MARKER, CHECKPOINT_RE
@@ -82,7 +83,7 @@ def mark_complete(path: Path, step: int, data_fingerprint: str | None, settings:
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
         files[file.relative_to(path).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
     info = {"step": step, "data_fingerprint": data_fingerprint, "files": files, "settings": settings}
-    atomic_write_text(path / MARKER, json.dumps(info) + "\n")
+    atomic_write_text(path / MARKER, jsonfile.dumps(info) + "\n")
 
 
 def _sha256(path: Path) -> str:

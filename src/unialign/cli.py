@@ -216,15 +216,19 @@ def _data_convert(args) -> int:
 def _data_build(args) -> int:
     import torch
 
-    from unialign.data.builder import build_dataset
+    from unialign.data.builder import build_dataset, check_build_options, check_prompt_rows
     from unialign.data.sources import read_rows
-    from unialign.generation import GenerationConfig
+    from unialign.generation import GenerationConfig, check_distinct_samples
     from unialign.models import load_model, load_tokenizer
     from unialign.rewards.sources import load_reward
 
-    torch.manual_seed(args.seed)
-    prompts = read_rows(args.prompts)[: args.limit]
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    # Every argument is checked before a model loads: a bad one must not cost a sampling pass.
+    check_build_options(
+        k=args.k, heldout_fraction=args.heldout, prompts_per_batch=args.batch_prompts,
+        names={"k": "--k", "heldout_fraction": "--heldout", "prompts_per_batch": "--batch-prompts"},
+    )
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1; got {args.limit}")
     generation = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -232,6 +236,11 @@ def _data_build(args) -> int:
         seed=args.seed,
         batch_size=args.batch_prompts,
     )
+    check_distinct_samples(args.temperature, args.k, "--k", "--temperature")
+    prompts = read_rows(args.prompts)[: args.limit]
+    check_prompt_rows(prompts, args.prompts)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     counts = build_dataset(
         prompts,
         model,

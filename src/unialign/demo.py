@@ -16,9 +16,10 @@ samples per prompt halve the variance of the measured difference.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+
+from unialign import jsonfile
 
 DEMO_CONFIG = {
     "loss_type": "una_score",
@@ -90,7 +91,7 @@ def run_demo(
         samples_per_prompt=samples_per_prompt,
     )
     numbers = report.to_dict()
-    (Path(output_dir) / "eval.json").write_text(json.dumps(numbers, indent=1))
+    (Path(output_dir) / "eval.json").write_text(jsonfile.dumps(numbers, indent=1) + "\n", encoding="utf-8")
     (Path(output_dir) / "eval.md").write_text(report.to_markdown())
     print(f"[3/3] results (offline judge, held-out prompts, sampled at temperature {temperature})\n")
     print(report.to_markdown())

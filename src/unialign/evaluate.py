@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from unialign import jsonfile
 from unialign.data.collate import pad_sequences
 from unialign.data.formats import ENDED_SUFFIX
 from unialign.data.tokenize import encode_completion, encode_prompt
-from unialign.generation import Generation, GenerationConfig, completion_ids, generate
+from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
 from unialign.rewards.base import RewardSource
 
@@ -334,13 +335,20 @@ def evaluate(
 
     ``samples_per_prompt`` > 1 (with sampling) draws that many completions per prompt from each
     model; each policy sample is compared with the reference sample of the same index, and the
-    report gives the mean paired reward difference with its standard error.
+    report gives the mean paired reward difference with its standard error. With greedy decoding
+    (temperature 0) it is refused: the samples would be identical copies, not independent draws.
+
+    Raises:
+        ValueError: for no prompts, ``samples_per_prompt`` < 1, or > 1 under greedy decoding.
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+    if not prompts:
+        raise ValueError("no prompts to evaluate; evaluation needs at least one prompt")
+    config = generation or GenerationConfig(temperature=0, max_new_tokens=128)
+    check_distinct_samples(config.temperature, samples_per_prompt, "samples_per_prompt")
     num_prompts = len(prompts)
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    config = generation or GenerationConfig(temperature=0, max_new_tokens=128)
     config = GenerationConfig(**{**asdict(config), "num_return_sequences": 1})
     policy_gens = [g[0] for g in generate(model, tokenizer, prompts, config, progress, desc="policy")]
     if reference is model:
@@ -407,8 +415,16 @@ def read_source_rows(source) -> list[dict[str, Any]]:
 
 
 def load_prompts(source: str, limit: int | None = None) -> list:
-    """The ``prompt`` column of ``source`` (see :func:`read_source_rows`), first ``limit`` rows."""
+    """The ``prompt`` column of ``source`` (see :func:`read_source_rows`), first ``limit`` rows.
+
+    Raises:
+        DataError: when ``source`` has no rows, or a row has no ``prompt``.
+    """
+    from unialign.data.errors import DataError
+
     rows = read_source_rows(source)
+    if not rows:
+        raise DataError("has no rows; evaluation needs at least one prompt", source=str(source))
     missing = [i for i, row in enumerate(rows) if "prompt" not in row]
     if missing:
         raise ValueError(f"{source}: row {missing[0] + 1} has no `prompt` column")
@@ -458,10 +474,20 @@ def evaluate_paths(
     defaults to the reference named in the run's ``config.json``; ``beta`` to the run's beta, else
     0.1. ``out`` defaults to ``<run dir>/eval`` for a run directory, else ``./eval``. Models run on
     ``device`` (default: CUDA when available, else CPU).
+
+    Settings, prompts and pairs are checked before any model loads.
     """
     from unialign.models import load_model, load_tokenizer
     from unialign.rewards.sources import load_reward
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1; got {limit}")
+    generation = GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_distinct_samples(temperature, samples_per_prompt, "samples_per_prompt")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+    prompts = load_prompts(prompts_source, limit)
+    pair_rows = load_pairs(pairs, limit) if pairs else None
     config = run_config(model_path)
     policy_dir = resolve_run_model(model_path)
     reference_dir = resolve_run_model(reference_path) if reference_path else default_reference(model_path)
@@ -476,10 +502,10 @@ def evaluate_paths(
         model,
         reference,
         tokenizer,
-        load_prompts(prompts_source, limit),
+        prompts,
         load_reward(reward),
-        generation=GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
-        pairs=load_pairs(pairs, limit) if pairs else None,
+        generation=generation,
+        pairs=pair_rows,
         beta=beta,
         progress=progress,
         samples_per_prompt=samples_per_prompt,
@@ -498,7 +524,7 @@ def write_report(report: EvalReport, out: str | Path) -> tuple[Path, Path]:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "eval.json", folder / "eval.md"
-    json_path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    json_path.write_text(jsonfile.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     md_path.write_text(report.to_markdown(), encoding="utf-8")
     return json_path, md_path
 
@@ -519,7 +545,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 = greedy; 1 makes the KL estimate unbiased")
     parser.add_argument("--samples-per-prompt", type=int, default=1,
-                        help="completions per prompt from each model (use with --temperature > 0)")
+                        help="completions per prompt from each model (more than 1 needs --temperature > 0)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (and pairs)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation and scoring batch")
     parser.add_argument("--beta", type=float, default=None,
@@ -531,7 +557,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    """Run ``unialign eval`` from parsed arguments; prints the summary and returns 0."""
+    """Run ``unialign eval`` from parsed arguments; prints the summary and returns 0.
+
+    The checks :func:`evaluate_paths` makes on its keyword names run here first on the flags' names.
+    """
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1; got {args.limit}")
+    if args.samples_per_prompt < 1:
+        raise ValueError(f"--samples-per-prompt must be at least 1; got {args.samples_per_prompt}")
+    check_distinct_samples(args.temperature, args.samples_per_prompt, "--samples-per-prompt", "--temperature")
     out = Path(args.out) if args.out else _default_out(args.model)
     report = evaluate_paths(
         args.model,

@@ -6,6 +6,7 @@ Shared by the dataset builder, evaluation and online training. Prompts go throug
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,45 @@ class GenerationConfig:
     # None keeps the model's generation_config value; online training sets 1.0 so that samples come
     # from the policy's own distribution.
     repetition_penalty: float | None = None
+
+    def __post_init__(self):
+        """Refuse settings ``generate`` would silently misread (a negative temperature decodes greedily)."""
+        checks = [
+            ("temperature", _is_number(self.temperature) and self.temperature >= 0,
+             "at least 0 (0 means greedy decoding)"),
+            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("max_new_tokens", _is_count(self.max_new_tokens), "an integer of at least 1"),
+            ("num_return_sequences", _is_count(self.num_return_sequences), "an integer of at least 1"),
+            ("batch_size", _is_count(self.batch_size), "an integer of at least 1"),
+        ]
+        if self.repetition_penalty is not None:
+            checks.append(("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+                           "greater than 0"))
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}; got {getattr(self, name)!r}")
+
+
+def check_distinct_samples(temperature: float, count: int, count_name: str,
+                           temperature_name: str = "temperature") -> None:
+    """Refuse ``count`` > 1 completions per prompt under greedy decoding (``temperature`` 0).
+
+    Greedy decoding gives the same completion every time, so the copies are not independent samples:
+    a standard error over them is meaningless and a builder would write identical completions.
+    """
+    if count > 1 and temperature == 0:
+        raise ValueError(
+            f"{count_name} {count} with {temperature_name} 0 (greedy decoding) would give {count} identical "
+            f"completions per prompt, not independent samples; set {temperature_name} above 0 or {count_name} 1"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass

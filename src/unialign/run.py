@@ -6,7 +6,6 @@ build their models and trainer here and hand them to :func:`run_training`, so ne
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from unialign import jsonfile
 from unialign.checkpoints import (
     ResumeMismatchError,
     atomic_write_text,
@@ -107,7 +107,7 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                handle.write(jsonfile.dumps({"step": state.global_step, **logs}) + "\n")
 
 
 def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, output_dir: Path,
@@ -126,7 +126,7 @@ def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, outpu
         if main:
             with storage_errors("writing the run's config and reports", output_dir, "nothing was trained"):
                 output_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(output_dir / RUN_CONFIG, cfg.to_json_string())
+                atomic_write_text(output_dir / RUN_CONFIG, jsonfile.dumps(cfg.to_dict(), indent=2) + "\n")
                 atomic_write_text(output_dir / DATA_REPORT, train_data.report.summary() + "\n")
                 resume_step = read_marker(resume_from)["step"] if resume_from else None
                 prepare_metrics_file(output_dir / METRICS_FILE, resume_step)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from unialign import jsonfile
+
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): runs cannot be locked against each other there
@@ -181,7 +183,7 @@ class RunLock:
             logger.info("taking over the lock of %s: pid %s is no longer running", self.path, previous.get("pid"))
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.pwrite(fd, (jsonfile.dumps(info) + "\n").encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -254,7 +256,7 @@ def claim_run_dir(output_dir: str | Path, overwrite: bool = False, main_process:
         with storage_errors(f"starting the run in {output_dir}", output_dir, "nothing was trained"):
             if not (output_dir / RUN_MARKER).exists():
                 info = {"written_by": "unialign", "created": _now(), "host": socket.gethostname(), "pid": os.getpid()}
-                (output_dir / RUN_MARKER).write_text(json.dumps(info) + "\n", encoding="utf-8")
+                (output_dir / RUN_MARKER).write_text(jsonfile.dumps(info) + "\n", encoding="utf-8")
             recover_model_dir(output_dir)
         _HELD.add(key)
         yield

@@ -10,15 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from unialign import jsonfile
 from unialign.data.converters import LISTWISE_ENDED, convert
+from unialign.data.errors import DataError
+from unialign.data.formats import validate_row
 from unialign.data.io import write_rows
 from unialign.data.sources import read_rows
-from unialign.generation import GenerationConfig, generate
+from unialign.generation import GenerationConfig, check_distinct_samples, generate
 from unialign.rewards.base import RewardSource
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,44 @@ def as_conversation(prompt: Any) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
+def check_build_options(
+    *, k: int, heldout_fraction: float, prompts_per_batch: int, names: dict[str, str] | None = None
+) -> None:
+    """Refuse builder settings that would write useless data or fail only after sampling every prompt.
+
+    ``names`` maps an option to what the caller calls it (the CLI passes its flags), so the message
+    names the argument the user typed.
+    """
+    names = names or {}
+
+    def refuse(option: str, expected: str, value: Any) -> ValueError:
+        return ValueError(f"{names.get(option, option)} must be {expected}; got {value!r}")
+
+    if not _is_int(k) or k < 1:
+        raise refuse("k", "an integer of at least 1 (completions sampled per prompt)", k)
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0 <= heldout_fraction < 1:
+        raise refuse("heldout_fraction", "at least 0 and below 1 (the fraction of prompts held out)", heldout_fraction)
+    if not _is_int(prompts_per_batch) or prompts_per_batch < 1:
+        raise refuse("prompts_per_batch", "an integer of at least 1", prompts_per_batch)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_prompt_rows(rows: list[dict[str, Any]], source: str) -> None:
+    """Every row must be a valid prompt row (a ``prompt`` column, string or conversation), and there must be one.
+
+    Raises:
+        DataError: naming ``source`` (and the row and field of the first bad row).
+    """
+    if not rows:
+        raise DataError("has no rows; the builder needs at least one row with a `prompt`", source=source)
+    for index, row in enumerate(rows):
+        validate_row(row, "prompt", index, source)
+
+
 def build_dataset(
     prompts: list[dict[str, Any]],
     model,
@@ -60,14 +103,21 @@ def build_dataset(
     """Sample, score and write the dataset; returns row counts per written file.
 
     Resumable: prompts already in ``out_dir/listwise.all.jsonl`` are not sampled again.
+
+    Raises:
+        ValueError: for ``k`` < 1, ``heldout_fraction`` outside [0, 1), ``prompts_per_batch`` < 1, or
+            ``k`` > 1 with greedy decoding (``k`` identical completions).
+        DataError: when ``prompts`` is empty or a row has no valid ``prompt``; both before any sampling.
     """
+    check_build_options(k=k, heldout_fraction=heldout_fraction, prompts_per_batch=prompts_per_batch)
+    generation = replace(generation or GenerationConfig(), num_return_sequences=k)
+    check_distinct_samples(generation.temperature, k, "k")
+    check_prompt_rows(prompts, "prompts")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / "listwise.all.jsonl"
     done = {row["id"] for row in read_rows(raw_path)} if raw_path.exists() else set()
     todo = [p for p in prompts if prompt_id(p) not in done]
-    generation = generation or GenerationConfig()
-    generation.num_return_sequences = k
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - len(todo), desc="building", disable=not progress, unit="prompt"
     )
@@ -77,7 +127,8 @@ def build_dataset(
         samples = generate(model, tokenizer, conversations, generation, progress=False)
         flat_prompts = [c for c, group in zip(conversations, samples) for _ in group]
         flat_texts = [g.text for group in samples for g in group]
-        scores = reward(flat_prompts, flat_texts)
+        scores = [float(s) for s in reward(flat_prompts, flat_texts)]
+        check_rewards(scores, [prompt_id(p) for p in batch], k, getattr(reward, "name", type(reward).__name__))
         with open(raw_path, "a", encoding="utf-8") as handle:
             for i, (row, conversation, group) in enumerate(zip(batch, conversations, samples)):
                 record = {
@@ -87,10 +138,25 @@ def build_dataset(
                     "rewards": scores[i * k : (i + 1) * k],
                     "ended": [g.ended for g in group],
                 }
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(jsonfile.dumps(record, ensure_ascii=False) + "\n")
         bar.update(len(batch))
     bar.close()
     return write_splits(read_rows(raw_path), out, heldout_fraction, reward.bounds)
+
+
+def check_rewards(scores: list[float], ids: list[str], k: int, name: str) -> None:
+    """Refuse a reward source's output unless it is one finite number per completion.
+
+    A NaN written to ``listwise.all.jsonl`` would poison every derived format (and the resumed run).
+    """
+    if len(scores) != k * len(ids):
+        raise ValueError(f"reward source {name} returned {len(scores)} rewards for {k * len(ids)} completions")
+    for position, score in enumerate(scores):
+        if not math.isfinite(score):
+            raise ValueError(
+                f"reward source {name} returned {score} for completion {position % k + 1} of prompt "
+                f"{ids[position // k]!r}; rewards must be finite numbers"
+            )
 
 
 def listwise_record(row: dict[str, Any]) -> dict[str, Any]:

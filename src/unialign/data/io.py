@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unialign.data.errors import DataError
+from unialign.jsonfile import dumps as json_dumps
 
 
 def read_path(path: Path, split: str = "train") -> list[dict[str, Any]]:
@@ -73,26 +74,92 @@ def decode_jsonl_line(raw: bytes, number: int, source: str) -> str:
 def parse_jsonl_line(line: str, number: int, source: str) -> dict[str, Any]:
     """The JSON object on line ``number`` (0-based) of a jsonl file; anything else is a :class:`DataError`."""
     try:
-        value = json.loads(line)
+        value, twice = loads_keeping_duplicates(line)
     except json.JSONDecodeError as err:
         raise DataError(f"is not valid JSON ({err.msg} at column {err.colno})", source=source, row=number) from None
     except (ValueError, RecursionError) as err:  # a number over Python's digit limit; nesting too deep
         raise DataError(f"cannot be read as JSON ({_why(err)})", source=source, row=number) from None
     if not isinstance(value, dict):
         raise DataError(f"must be a JSON object, got {type(value).__name__}", source=source, row=number)
+    if twice:
+        raise duplicate_key_error(value, twice, source, number)
     return value
+
+
+def loads_keeping_duplicates(text: str) -> tuple[Any, list[tuple[dict, str]]]:
+    """``json.loads(text)`` and every (object, key) where the text names that key twice in that object.
+
+    Python's ``json`` silently keeps the last value of a repeated key; RFC 8259 leaves the meaning
+    open, so a reader cannot know which value was meant. The caller refuses such text.
+    """
+    twice: list[tuple[dict, str]] = []
+
+    def build(pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))
+            twice.append((obj, key))
+        return obj
+
+    return json.loads(text, object_pairs_hook=build), twice
+
+
+def duplicate_key_error(root: Any, twice: list[tuple[dict, str]], source: str, row: int | None) -> DataError:
+    """The :class:`DataError` for the first repeated key found in ``root`` (a row, or a .json file's list).
+
+    The field is the row's column holding the repeated key (the key itself for a top-level column).
+    """
+    obj, key = twice[0]
+    path = _path_to(root, obj) or []
+    if row is None and path and isinstance(path[0], int):  # a .json file: the first step is the row
+        row, path = path[0], path[1:]
+    if not path:
+        where = "this row" if row is not None else "the file's top-level object"
+        return DataError(
+            f"the key {key!r} appears more than once in {where}; JSON keys must be unique, "
+            "and which value was meant cannot be told",
+            source=source, row=row, field=key if row is not None else None,
+        )
+    inside = path[0] + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path[1:])
+    return DataError(
+        f"the key {key!r} appears more than once in {inside}; JSON keys must be unique, "
+        "and which value was meant cannot be told",
+        source=source, row=row, field=str(path[0]),
+    )
+
+
+def _path_to(root: Any, target: dict) -> list | None:
+    """The keys and indices leading from ``root`` to the object ``target`` (by identity); None if absent."""
+    stack = [(root, [])]
+    while stack:
+        value, path = stack.pop()
+        if value is target:
+            return path
+        if isinstance(value, dict):
+            stack.extend((item, [*path, key]) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, [*path, index]) for index, item in enumerate(value))
+    return None
 
 
 def read_json(path: Path) -> list[dict[str, Any]]:
     """A JSON list of objects, or an object whose ``data``/``rows`` key holds that list."""
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        value, twice = loads_keeping_duplicates(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
         raise DataError(f"is not valid UTF-8 ({err.reason} at byte {err.start})", source=str(path)) from None
     except json.JSONDecodeError as err:
         raise DataError(f"is not valid JSON ({err.msg} at line {err.lineno})", source=str(path)) from None
     except (ValueError, RecursionError) as err:
         raise DataError(f"cannot be read as JSON ({_why(err)})", source=str(path)) from None
+    if twice:
+        wrapped = isinstance(value, dict)
+        rows = value.get("data", value.get("rows")) if wrapped else value
+        inner = [(obj, key) for obj, key in twice if obj is not value]
+        if inner and isinstance(rows, list):
+            raise duplicate_key_error(rows, inner, str(path), None)
+        raise duplicate_key_error(value, twice, str(path), None)
     if isinstance(value, dict):
         value = value.get("data", value.get("rows"))
     if not isinstance(value, list):
@@ -172,8 +239,8 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
 
         pq.write_table(pa.Table.from_pylist(rows), path)
     elif path.suffix == ".json":
-        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        path.write_text(json_dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
     else:
         with open(path, "w", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.write(json_dumps(row, ensure_ascii=False) + "\n")

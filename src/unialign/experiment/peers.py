@@ -14,11 +14,12 @@ prompt, completion length, temperature, learning rate, schedule, steps and seed.
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from unialign import jsonfile
 
 
 @dataclass
@@ -112,12 +113,12 @@ def train_trl_rloo(config: dict[str, Any]) -> PeerResult:
     output = trainer.train()
     with open(output_dir / "metrics.jsonl", "w", encoding="utf-8") as handle:
         for entry in trainer.state.log_history:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(jsonfile.dumps(entry) + "\n")
     used = {"loss_type": "trl_rloo", "beta": cfg.beta, "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps,
             "per_device_train_batch_size": cfg.per_device_train_batch_size, "num_generations": cfg.num_generations,
             "max_completion_length": cfg.max_completion_length, "temperature": cfg.temperature,
             "reward": cfg.reward, "seed": cfg.seed}
-    (output_dir / "config.json").write_text(json.dumps(used, indent=1) + "\n", encoding="utf-8")
+    (output_dir / "config.json").write_text(jsonfile.dumps(used, indent=1) + "\n", encoding="utf-8")
     model = trainer.accelerator.unwrap_model(trainer.model)
     if peft_config is not None:
         model = model.merge_and_unload()

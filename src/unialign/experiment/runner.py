@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from unialign import jsonfile
 from unialign.experiment.spec import (
     PLACEHOLDER,
     RESULT_VERSION,
@@ -82,7 +83,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, ensure_ascii=False, indent=1, default=_json_default)
+        handle.write(jsonfile.dumps(value, ensure_ascii=False, indent=1, default=_json_default))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -45,6 +45,17 @@ def main() -> None:
     (HERE / "not_parquet.parquet").write_bytes(b"PAR1 a text file named .parquet\n")
     write("empty.jsonl", ["", "   "])
     write("unknown_columns.jsonl", [line({"question": "Why?", "answer": "Because."})] * 3)
+    # Valid JSON syntax, but a key given twice: Python's json would keep the last value silently.
+    write(
+        "duplicate_keys.jsonl",
+        [
+            good[0],
+            '{"prompt": "Tell me about tea.", "chosen": "Tea is nice.", "chosen": "No.", "rejected": "Hm."}',
+            '{"prompt": [{"role": "user", "content": "Tell me about rain.", "content": "Ignore that."}], '
+            '"chosen": "Rain.", "rejected": "No."}',
+            good[3],
+        ],
+    )
 
     # --- row-level problems: a DataError naming row and field, or a counted drop with on_bad_row="drop"
     write(
