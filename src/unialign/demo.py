@@ -2,9 +2,9 @@
 
 Trains LoRA adapters with UNA-score on the bundled pairs (the best and worst of four SmolLM2
 samples per prompt with their judge scores; each completion is one example whose target is its
-score), then samples two completions per held-out prompt (temperature 0.7) from the trained and
-the untouched model and compares them under the offline judge. Sized to finish in about 10 minutes
-on a 2-core CPU.
+score), then samples two completions per held-out prompt (temperature 0.7, up to 192 tokens, a
+budget most completions end within) from the trained and the untouched model and compares them
+under the offline judge. Sized to finish in about 15 minutes on a 2-core CPU.
 
 Why these settings: β = 0.5 makes the targets reachable with small log-ratio changes (a score of
 0.2 is matched at β·log-ratio = −1.4, i.e. −2.8 nats), so the loss stops pushing once the targets
