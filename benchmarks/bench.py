@@ -41,6 +41,8 @@ from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import add_debug_argument, run_cli, worker_env
+
 # method → (bundled data, hyperparameters shared by both libraries, how TRL runs it or None)
 METHODS: dict[str, dict[str, Any]] = {
     "dpo": {"data": "bundled:pairwise", "params": {"beta": 0.1}, "trl": "DPOTrainer"},
@@ -575,8 +577,8 @@ def format_profile(rows: list[dict[str, Any]]) -> str:
 
 
 def _run_isolated(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
-    command = [sys.executable, "-m", "unialign.bench", "--worker", json.dumps([method, library, asdict(cfg)])]
-    result = subprocess.run(command, capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps([method, library, asdict(cfg)])]
+    result = subprocess.run(command, capture_output=True, text=True, env=worker_env())
     for line in reversed(result.stdout.splitlines()):
         if line.startswith("BENCH-RESULT "):
             return json.loads(line[len("BENCH-RESULT ") :])
@@ -779,7 +781,7 @@ def _progress(row: dict[str, Any]) -> str:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``unialign bench`` options."""
+    """The ``python -m benchmarks.bench`` options."""
     d = BenchConfig()
     parser.add_argument("--model", default=d.model, help="embedded default, a local folder or an HF model path")
     parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(METHODS)}")
@@ -807,7 +809,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
-    """``unialign bench``: run, print the table, say where the JSON went."""
+    """``python -m benchmarks.bench``: run, print the table, say where the JSON went."""
     cfg = BenchConfig(
         model=args.model,
         methods=[m for m in args.methods.split(",") if m],
@@ -856,11 +858,28 @@ def _worker(payload: str) -> None:
     print("BENCH-RESULT " + json.dumps(row), flush=True)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m benchmarks.bench`` parser: every option of :func:`add_bench_arguments`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description="Run DPO, KTO, SimPO, TPO (and RAO, unialign only) with unialign and TRL side by side; "
+        "print seconds per step, useful tokens/s, peak memory and FLOP/s as a fraction of the matmul peak, "
+        "and append the JSON to --output-dir. A speed-up is reported only where both step-0 losses agree.",
+    )
+    add_debug_argument(parser)
+    add_bench_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a worker (``--worker PAYLOAD``, started by :func:`_run_isolated`) or the benchmark itself."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--worker":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _worker(sys.argv[2])
-    else:
-        parser = argparse.ArgumentParser(prog="unialign bench", description=__doc__.splitlines()[0])
-        add_bench_arguments(parser)
-        sys.exit(run_bench_cli(parser.parse_args()))
+        _worker(argv[1])
+        return 0
+    return run_cli(run_bench_cli, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
