@@ -4,7 +4,7 @@ TRL 1.16 no longer ships ``PPOTrainer`` (neither in ``trl`` nor in ``trl.experim
 is TRL's ``RLOOTrainer`` (REINFORCE leave-one-out, Ahmadian et al. 2024, the baseline the UNA paper
 cites next to PPO). Each side runs in its own subprocess so that its peak RSS is its own:
 
-    python benchmarks/online_vs_ppo.py --steps 8 --prompts-per-step 4 --num-generations 4 --max-new-tokens 48
+    python -m benchmarks.online_vs_ppo --steps 8 --prompts-per-step 4 --num-generations 4 --max-new-tokens 48
 
 Both sides: the same policy (``smollm2-135m-instruct`` by default) loaded with
 :func:`unialign.models.load_model`, the same reward (the offline judge, bounded [0, 1]), the same
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import worker_env
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,8 +105,8 @@ def run_una(args, work: Path) -> dict:
 
 
 def run_rloo(args, work: Path) -> dict:
-    """TRL's RLOOTrainer as the claims sweep runs it (:mod:`unialign.experiment.peers`), on the same settings."""
-    from unialign.experiment.peers import train_trl_rloo
+    """TRL's RLOOTrainer as the claims sweep runs it (:mod:`benchmarks.claims.peers`), on the same settings."""
+    from benchmarks.claims.peers import train_trl_rloo
     from unialign.rewards.offline_judge import OfflineJudge
 
     result = train_trl_rloo(dict(shared_settings(args, work), loss_type="trl_rloo", beta=RLOO_BETA,
@@ -175,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         forwarded.append(arg)
     results = {}
     for side in args.sides.split(","):
-        proc = subprocess.run([sys.executable, __file__, *forwarded, "--child", side], capture_output=True, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.online_vs_ppo", *forwarded, "--child", side],
+                              capture_output=True, text=True, env=worker_env(TOKENIZERS_PARALLELISM="false"))
         line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "trl": trl.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "command": "python benchmarks/online_vs_ppo.py " + " ".join(forwarded),
+        "command": "python -m benchmarks.online_vs_ppo " + " ".join(forwarded),
         "results": results,
     }
     print(f"{'side':<16}{'s/step':>9}{'peak RSS MiB':>14}{'held-out reward':>17}")

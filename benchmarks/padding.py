@@ -4,7 +4,7 @@ Counts, over one epoch of each method's bundled data, the positions of the tenso
 forward is fed (the packed layout where a batch is packed, the plain one otherwise) and how many of
 them are padding. No model runs; it takes seconds.
 
-    python benchmarks/padding.py [--batch-size 4] [--max-length 256] [--seed 0]
+    python -m benchmarks.padding [--batch-size 4] [--max-length 256] [--seed 0]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from unialign.bench import METHODS
+from benchmarks.bench import METHODS
 from unialign.config import UnialignConfig
 from unialign.data.collate import PreferenceCollator, has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.losses.registry import get_method

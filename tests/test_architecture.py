@@ -92,3 +92,31 @@ def test_importing_unialign_loads_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]"  # nothing heavy until a public function is used
     assert out[1] == "True"  # and the names still resolve, loading what they need
+
+
+# The repository's harnesses and their dependencies: the library a user installs imports none of them.
+FORBIDDEN = ("trl", "psutil", "benchmarks", "tools")
+
+
+def absolute_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level name) of every absolute import in the file, function bodies included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.partition(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.lineno, node.module.partition(".")[0]))
+    return found
+
+
+def test_absolute_imports_are_read_at_every_level(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import os.path\nfrom . import x\n\ndef f():\n    from trl.experimental import cpo\n")
+    assert absolute_imports(path) == [(1, "os"), (5, "trl")]
+
+
+def test_the_package_imports_no_harness_and_no_harness_dependency():
+    offenders = [f"{path.relative_to(SRC)}:{line} imports {name}"
+                 for path in sorted((SRC / "unialign").rglob("*.py"))
+                 for line, name in absolute_imports(path) if name in FORBIDDEN]
+    assert offenders == [], "the library must not import the harnesses or their dependencies: " + "; ".join(offenders)

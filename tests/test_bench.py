@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from unialign.bench import (
+from benchmarks.bench import (
     BenchConfig,
     FedTokens,
     PeakMemory,
+    build_parser,
     fed_tokens,
     format_profile,
     format_table,
@@ -22,7 +23,6 @@ from unialign.bench import (
     step_flops,
     summarize,
 )
-from unialign.cli import build_parser
 
 pytest.importorskip("trl")
 
@@ -97,11 +97,11 @@ def test_methods_without_trl_say_so(tiny_model_dir, tmp_path):
     assert rows == [{"method": "rao", "library": "trl", "error": "TRL 1.16 has no rao trainer"}]
 
 
-def test_cli_has_a_bench_subcommand():
-    args = build_parser().parse_args(["bench", "--methods", "dpo,tpo", "--steps", "3", "--in-process"])
+def test_the_bench_command_keeps_its_options():
+    args = build_parser().parse_args(["--methods", "dpo,tpo", "--steps", "3", "--in-process"])
     assert args.methods == "dpo,tpo" and args.steps == 3 and args.in_process
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "--help"])
+        build_parser().parse_args(["--help"])
 
 
 def test_profile_breaks_a_step_down_by_phase_and_op(tiny_model_dir, tmp_path):
@@ -135,7 +135,7 @@ def test_trl_with_unialigns_allocator_setting_is_a_second_baseline(report):
     ours = next(r for r in rows if r["library"] == "unialign-prefix")
     assert ours["speedup_tokens_vs_trl_kept_memory"] == pytest.approx(ours["speedup_tokens"] / 2)
     assert "speedup_tokens" not in rows[-1]  # a baseline, not compared with itself
-    args = build_parser().parse_args(["bench", "--libraries", "trl-kept-memory,unialign-prefix", "--repeat", "3"])
+    args = build_parser().parse_args(["--libraries", "trl-kept-memory,unialign-prefix", "--repeat", "3"])
     assert args.repeat == 3 and args.libraries == "trl-kept-memory,unialign-prefix"
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
+from tools.bundled_card import dataset_statistics, render_card
 from unialign.data.bundled import FOLDER, load_bundled
-from unialign.data.card import dataset_statistics, render_card
 from unialign.data.errors import DataError
 from unialign.data.formats import detect_format, validate_row
 from unialign.data.io import read_jsonl
@@ -50,7 +50,7 @@ def test_size_and_split():
 
 def test_card_statistics_match_the_files():
     card = (FOLDER / "CARD.md").read_text()
-    assert card == render_card(dataset_statistics()), "CARD.md is stale: run `unialign data card`"
+    assert card == render_card(dataset_statistics(FOLDER)), "CARD.md is stale: run `python -m tools.bundled_card`"
 
 
 def test_unknown_format_or_split_is_a_clear_error():

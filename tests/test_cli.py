@@ -34,3 +34,19 @@ def test_config_error_is_one_clear_line(tmp_path, capsys):
     assert main(["train", str(config)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key 'betaa'; did you mean beta")
+
+
+def test_moved_harness_commands_say_where_they_went_without_importing_them(capsys):
+    import subprocess
+    import sys
+
+    for argv, where in ((["bench", "--methods", "dpo", "--help"], "python -m benchmarks.bench"),
+                        (["experiment", "run", "benchmarks/claims/claims.yaml"], "python -m benchmarks.claims"),
+                        (["data", "card"], "python -m tools.bundled_card")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and where in err[0] and "moved out of the package" in err[0]
+    code = ("import sys; from unialign.cli import main; main(['bench']); main(['experiment', 'run', 'x'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'tools', 'trl', 'psutil')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

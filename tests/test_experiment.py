@@ -1,4 +1,5 @@
-"""`unialign experiment`: spec loading, run ids, caching, resume, dependencies, and verdicts on the results page."""
+"""The claims sweep (`python -m benchmarks.claims`): spec loading, run ids, caching, resume, dependencies, and
+verdicts on the results page."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import conversation
-from unialign.cli import main
-from unialign.experiment import load_spec, planned_runs, read_record, run_id, run_sweep, validate_spec, write_report
-from unialign.experiment import runner as runner_module
-from unialign.experiment.report import (
+from benchmarks.claims import (
+    load_spec,
+    main,
+    planned_runs,
+    read_record,
+    run_id,
+    run_sweep,
+    validate_spec,
+    write_report,
+)
+from benchmarks.claims import runner as runner_module
+from benchmarks.claims.report import (
     MIXED,
     NOT_REPRODUCED,
     NOT_RUN,
@@ -21,8 +29,9 @@ from unialign.experiment.report import (
     collect,
     evaluate_check,
 )
-from unialign.experiment.runner import DONE, _record, result_path, write_json_atomic
-from unialign.experiment.spec import SpecError
+from benchmarks.claims.runner import DONE, _record, result_path, write_json_atomic
+from benchmarks.claims.spec import SpecError
+from tests.conftest import conversation
 
 REAL_TRAIN = runner_module.train_model
 CLAIMS_SPEC = Path(__file__).resolve().parents[1] / "benchmarks" / "claims" / "claims.yaml"
@@ -334,7 +343,7 @@ def test_report_verdicts_on_constructed_results(tmp_path, tiny_model_dir):
     assert "| Strong beats Weak (held-out mean judge reward) | reproduced | 0.700 ± 0.010 vs 0.500 ± 0.010;" in page
     assert "Missing has 0 seed(s) (failed: boom)" in page
     assert "pooled std = √((std_A² + std_B²) / 2)" in page  # the rule is written on the page
-    assert "unialign experiment run spec.yaml" in page
+    assert "python -m benchmarks.claims run spec.yaml" in page
     for figure in ("reward_vs_kl.png", "chosen_reward_curves.png", "rao_sweep.png"):
         assert (spec.figures_dir / figure).is_file()
         assert f"](figures/{figure})" in page
@@ -364,12 +373,12 @@ def test_cli_status_and_report(tmp_path, tiny_model_dir, capsys):
         {"kind": "beats", "a": "dpo", "b": "later"}]}])
     spec = load_spec(path)
     _fake(spec, "dpo", 0, 0.6)
-    assert main(["experiment", "status", str(path)]) == 0
+    assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert "not registered yet" in out and "1 done, 1 pending" in out
-    assert main(["experiment", "report", str(path)]) == 0
+    assert main(["report", str(path)]) == 0
     assert "**not run**" in (tmp_path / "docs" / "results.md").read_text(encoding="utf-8")
-    assert main(["experiment", "run", str(tmp_path / "nope.yaml")]) == 1
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 1
     assert "cannot read the spec" in capsys.readouterr().err
 
 
@@ -409,7 +418,7 @@ def test_trl_rloo_peer_trains_saves_and_is_evaluated_like_a_run(tmp_path, tiny_m
 
 
 def test_peer_config_typos_fail_and_missing_packages_make_it_unavailable(tmp_path, tiny_model_dir, monkeypatch):
-    from unialign.experiment import peers
+    from benchmarks.claims import peers
 
     runs = [{"name": "rloo", "config": {"loss_type": "trl_rloo", "dataset": "x.jsonl", "num_generatoins": 2}}]
     with pytest.raises(SpecError, match="unknown config key 'num_generatoins'"):
@@ -424,8 +433,8 @@ def test_peer_config_typos_fail_and_missing_packages_make_it_unavailable(tmp_pat
 
 
 def test_trl_rloo_peer_reads_prompts_like_online_una(tmp_path, tiny_model_dir):
+    from benchmarks.claims.peers import train_trl_rloo
     from unialign.data.errors import DataError
-    from unialign.experiment.peers import train_trl_rloo
 
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": conversation("Hi.")}, {"text": "no prompt here"}])
     with pytest.raises(DataError, match="bad.jsonl, row 2, field 'prompt': missing"):

@@ -1,4 +1,4 @@
-"""``unialign`` command line: train, methods, data, eval, demo, experiment."""
+"""``unialign`` command line: train, methods, data, eval, plot, demo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import traceback
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``unialign`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "func", None) is not _moved:  # a moved command's own options are not known here
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -21,8 +23,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     debug = getattr(args, "debug", False) or os.environ.get("UNIALIGN_DEBUG", "") not in ("", "0")
+    return run_command(args.func, args, debug=debug)
+
+
+def run_command(func, args: argparse.Namespace, *, debug: bool = False, roots: tuple[str, ...] = ()) -> int:
+    """Run one command's ``func(args)`` and turn what it raises into an exit code.
+
+    A user's mistake (:func:`is_user_error`) ends in one line and exit 1 (or the error's own
+    ``exit_code``), a bug in a traceback and exit 70, Ctrl-C in one line and exit 130; with ``debug``
+    everything is re-raised. ``roots`` are further source folders (beside this package) whose own
+    checks count as the user's mistakes: the repository's harnesses pass theirs.
+    """
     try:
-        return args.func(args) or 0
+        return func(args) or 0
     except KeyboardInterrupt:
         if debug:
             raise
@@ -32,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # sorted below into the user's mistakes and real bugs
         if debug:
             raise
-        if not is_user_error(err):
+        if not is_user_error(err, roots):
             traceback.print_exc()
             print(f"error: unexpected {type(err).__name__} (a bug in unialign or a library it calls; the traceback "
                   "is above, please report it)", file=sys.stderr)
@@ -41,16 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "exit_code", EXIT_USER)
 
 
-EXIT_USER, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130  # 3 and 4 are the run folder's (unialign.rundir)
+EXIT_USER, EXIT_MOVED, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130  # 3 and 4 are the run folder's (unialign.rundir)
+# The repository's harnesses, which live beside the package (a checkout's benchmarks/), not in it.
+MOVED = {"bench": "python -m benchmarks.bench", "experiment": "python -m benchmarks.claims"}
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
-def is_user_error(err: BaseException) -> bool:
+def is_user_error(err: BaseException, roots: tuple[str, ...] = ()) -> bool:
     """Whether ``err`` is a mistake the user can fix (one line) rather than a bug (a traceback).
 
     Bad data, configs and run folders have their own types, and the file system's errors (a missing
     file, no space, no permission) are the user's to fix. A ``ValueError``, ``TypeError`` or
-    ``RuntimeError`` counts when unialign itself raised it: those are its checks of what it was given.
+    ``RuntimeError`` counts when unialign itself (or code under one of ``roots``) raised it: those are its
+    checks of what it was given.
     The same types raised deep inside torch or transformers, and errors such as ``KeyError`` or
     ``AttributeError``, are bugs and keep their traceback.
     """
@@ -64,7 +80,10 @@ def is_user_error(err: BaseException) -> bool:
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return frame is not None and os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
+    if frame is None:
+        return False
+    filename = os.path.abspath(frame.tb_frame.f_code.co_filename)
+    return any(filename.startswith(os.path.abspath(root) + os.sep) for root in (_PACKAGE, *roots))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,30 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="training config overrides as key=value")
     demo.set_defaults(func=_demo)
 
-    from unialign.experiment import add_experiment_arguments
-
-    experiment = sub.add_parser(
-        "experiment",
-        help="check the papers' claims with a resumable sweep and write the results page",
-        description="Run a sweep spec (e.g. benchmarks/claims/claims.yaml), show its status, or write "
-        "docs/results.md from the cached results.",
-    )
-    add_experiment_arguments(experiment)
-
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark unialign against TRL on the same model, data and settings",
-        description="Run DPO, KTO, SimPO, TPO (and RAO, unialign only) with unialign and TRL side by side; "
-        "print seconds per step, useful tokens/s, peak memory and FLOP/s as a fraction of the matmul peak, "
-        "and append the JSON to --output-dir. A speed-up is reported only where both step-0 losses agree.",
-    )
-    from unialign.bench import add_bench_arguments, run_bench_cli
-
-    add_bench_arguments(bench)
-    bench.set_defaults(func=run_bench_cli)
-
-    card = data.add_parser("card", help="recompute the bundled dataset's statistics and rewrite its CARD.md")
-    card.set_defaults(func=_data_card)
+    for name, command in MOVED.items():
+        stub = sub.add_parser(name, help=f"moved out of the package: {command} from a checkout", add_help=False)
+        stub.set_defaults(func=_moved, moved=(f"unialign {name}", command))
+    card = data.add_parser("card", help="moved out of the package: python -m tools.bundled_card from a checkout",
+                           add_help=False)
+    card.set_defaults(func=_moved, moved=("unialign data card", "python -m tools.bundled_card"))
     return parser
 
 
@@ -257,11 +258,12 @@ def _data_build(args) -> int:
     return 0
 
 
-def _data_card(args) -> int:
-    from unialign.data.card import write_card
-
-    print(f"wrote {write_card()}")
-    return 0
+def _moved(args) -> int:
+    """A command that left the package: say where it went (nothing of the repository's harnesses is imported)."""
+    old, new = args.moved
+    print(f"error: `{old}` moved out of the package; from a checkout of the unialign repository run "
+          f"`{new} ...` (see benchmarks/ and tools/)", file=sys.stderr)
+    return EXIT_MOVED
 
 
 def _demo(args) -> int:

@@ -1,9 +1,11 @@
-"""``unialign experiment``: check the papers' claims at small scale with a resumable, cached sweep.
+"""The claims sweep: check the papers' claims at small scale with a resumable, cached sweep.
 
-- :mod:`unialign.experiment.spec` reads the sweep spec (runs, shared budget, eval setting, claims)
+Run ``python -m benchmarks.claims run|status|report SPEC`` from the repository root.
+
+- :mod:`benchmarks.claims.spec` reads the sweep spec (runs, shared budget, eval setting, claims)
   and gives every (run, seed) an id that hashes its resolved settings.
-- :mod:`unialign.experiment.runner` trains and evaluates what is not cached yet.
-- :mod:`unialign.experiment.report` writes the results page from the cached results only.
+- :mod:`benchmarks.claims.runner` trains and evaluates what is not cached yet.
+- :mod:`benchmarks.claims.report` writes the results page from the cached results only.
 
 The sweep of the three papers' claims is ``benchmarks/claims/claims.yaml``.
 """
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-from unialign.experiment.report import claim_verdict, collect, evaluate_check, write_report
-from unialign.experiment.runner import SweepSummary, execute_job, read_record, run_sweep
-from unialign.experiment.spec import Spec, SpecError, load_spec, planned_runs, run_id, validate_spec
+from benchmarks import add_debug_argument, run_cli
+from benchmarks.claims.report import claim_verdict, collect, evaluate_check, write_report
+from benchmarks.claims.runner import SweepSummary, execute_job, read_record, run_sweep
+from benchmarks.claims.spec import Spec, SpecError, load_spec, planned_runs, run_id, validate_spec
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``run``, ``report`` and ``status`` subcommands to the ``unialign experiment`` parser."""
+    """Add ``run``, ``report`` and ``status`` subcommands to the sweep's parser."""
     sub = parser.add_subparsers(title="experiment commands")
     run = sub.add_parser("run", help="train and evaluate every run of the spec that is not cached yet",
                          description="Resumable: finished runs are never redone; rerun the same command after "
@@ -39,6 +42,27 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     status.add_argument("spec")
     status.set_defaults(func=_status)
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m benchmarks.claims`` parser with its ``run``, ``status`` and ``report`` commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.claims",
+        description="Run a sweep spec (e.g. benchmarks/claims/claims.yaml), show its status, or write "
+        "docs/results.md from the cached results.",
+    )
+    add_debug_argument(parser)
+    return add_experiment_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks.claims``; prints the help without a command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run_cli(args.func, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -84,11 +108,13 @@ __all__ = [
     "SpecError",
     "SweepSummary",
     "add_experiment_arguments",
+    "build_parser",
     "claim_verdict",
     "collect",
     "evaluate_check",
     "execute_job",
     "load_spec",
+    "main",
     "planned_runs",
     "read_record",
     "run_id",

@@ -25,7 +25,7 @@ A spec is one YAML file (see ``benchmarks/claims/claims.yaml``)::
         extends: rao_judge            # inherit its config, then override
         seeds: [0]
         config: {z0: 0}
-    claims: [...]                     # see unialign.experiment.report
+    claims: [...]                     # see benchmarks.claims.report
 
 ``{model:NAME}`` is the saved model of run NAME with the same seed; ``{data:NAME}`` a derived dataset.
 Both make the run depend on what they name. A run's id is a hash of its resolved settings (with
@@ -343,11 +343,11 @@ def validate_spec(spec: Spec) -> list[str]:
 
     Placeholders are replaced by stand-in paths. An entry whose ``loss_type`` is not registered (yet)
     is checked with a registered method in its place, so its other keys are still validated; the
-    returned notes name those entries. A peer (:mod:`unialign.experiment.peers`) is checked as the
+    returned notes name those entries. A peer (:mod:`benchmarks.claims.peers`) is checked as the
     unialign method it shares its keys with. Any other problem raises :class:`SpecError`.
     """
+    from benchmarks.claims.peers import get_peer
     from unialign.config import load_config
-    from unialign.experiment.peers import get_peer
     from unialign.losses.registry import get_method
 
     notes = []

@@ -1,6 +1,7 @@
 """Write ``prompts.jsonl``: the bundled prompt set, written for unialign.
 
-Run ``python make_prompts.py`` in this folder to regenerate. Four categories:
+Run ``python tools/make_prompts.py`` (or ``python -m tools.make_prompts``) from a checkout to regenerate
+``src/unialign/data/bundled/prompts.jsonl``. Four categories:
 
 - ``instruction``: everyday requests, hand-written; no checkable answer.
 - ``factual``: short questions with known answers; ``facts`` is a list of required facts, each a
@@ -18,6 +19,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+
+# The checkout's bundled prompt file, next to the listwise rows made from it.
+PROMPTS = Path(__file__).resolve().parent.parent / "src" / "unialign" / "data" / "bundled" / "prompts.jsonl"
 
 INSTRUCTIONS = [
     "Write a short poem about the sea.",
@@ -477,10 +481,11 @@ def build_rows(seed: int = 0) -> list[dict]:
 
 
 def main() -> None:
+    """Write the prompts (refusing duplicates) and print how many of each category."""
     rows = build_rows()
     prompts = [r["prompt"] for r in rows]
     assert len(set(prompts)) == len(prompts), "duplicate prompts"
-    path = Path(__file__).with_name("prompts.jsonl")
+    path = PROMPTS
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,17 +1,22 @@
 """The bundled dataset's card: how it was made and statistics regenerated from the shipped rows.
 
-``unialign data card`` rewrites ``CARD.md`` from the files, so the numbers can never drift from
-the data.
+``python -m tools.bundled_card`` (or ``python tools/bundled_card.py``), run from a checkout, rewrites
+``src/unialign/data/bundled/CARD.md`` from the files, so the numbers can never drift from the data
+(``tests/test_bundled.py`` fails when they do). It loads the SmolLM2 tokenizer to count tokens.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 from collections import Counter
 from pathlib import Path
 
-from unialign.data.bundled import FOLDER
 from unialign.data.io import read_jsonl
+
+# The checkout's bundled folder: a maintainer tool rewrites the source tree, not an installed copy.
+FOLDER = Path(__file__).resolve().parent.parent / "src" / "unialign" / "data" / "bundled"
+REGENERATE_COMMAND = "python -m tools.bundled_card"
 
 BUILD_COMMAND = (
     "unialign data build --prompts src/unialign/data/bundled/prompts.jsonl --model smollm2-135m-instruct "
@@ -94,7 +99,8 @@ def render_card(stats: dict) -> str:
         "",
         "Prompts written for unialign (everyday instructions, short factual questions with known answers, "
         "arithmetic word problems with exact answers, format-constrained requests; `prompts.jsonl`, made by "
-        "`make_prompts.py`). Each prompt was sent as one user turn through SmolLM2-135M-Instruct's chat template; "
+        "`tools/make_prompts.py`). Each prompt was sent as one user turn through SmolLM2-135M-Instruct's chat "
+        "template; "
         "4 completions were sampled from the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and scored "
         f"by the offline judge (`{OfflineJudge.version}`, HelpSteer2-style attributes combined into [0, 1]). "
         "The split is by prompt (a hash of the prompt id, 20% held out), so no held-out prompt appears in training. "
@@ -107,7 +113,7 @@ def render_card(stats: dict) -> str:
         "2nd = chosen, 4th = rejected), SFT (best) and prompt-only rows with the library's converters.",
         "",
         f"Made with:\n\n```bash\n{BUILD_COMMAND}\n```\n",
-        "Statistics (regenerate with `unialign data card`):",
+        f"Statistics (regenerate with `{REGENERATE_COMMAND}`):",
         "",
         "| | train | test |",
         "|---|---|---|",
@@ -159,3 +165,17 @@ def write_card(folder: Path = FOLDER) -> Path:
     path = folder / "CARD.md"
     path.write_text(render_card(dataset_statistics(folder)), encoding="utf-8")
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the card of the bundled folder (or of the folder given as the one argument)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        print("usage: python -m tools.bundled_card [BUNDLED_FOLDER]", file=sys.stderr)
+        return 2
+    print(f"wrote {write_card(Path(argv[0]) if argv else FOLDER)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

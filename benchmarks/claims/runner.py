@@ -36,8 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from unialign import jsonfile
-from unialign.experiment.spec import (
+from benchmarks import worker_env
+from benchmarks.claims.spec import (
     PLACEHOLDER,
     RESULT_VERSION,
     Spec,
@@ -48,6 +48,7 @@ from unialign.experiment.spec import (
     resolved_settings,
     run_id,
 )
+from unialign import jsonfile
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def _record(spec: Spec, name: str, seed: int, status: str, **extra: Any) -> dict
 
 def unavailable_reason(spec: Spec, name: str, seed: int) -> str | None:
     """Why run ``name`` cannot run now (its method is not registered, a dependency is not done), or None."""
-    from unialign.experiment.peers import get_peer
+    from benchmarks.claims.peers import get_peer
     from unialign.losses.registry import get_method
 
     loss_type = spec.runs[name].config["loss_type"]
@@ -309,9 +310,9 @@ def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`execute_job` in a fresh Python process; its output goes to ``<run dir>/log.txt``."""
     folder = Path(job["run_dir"])
     outcome_path = folder / "outcome.json"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_env(TOKENIZERS_PARALLELISM="false")
     with open(folder / "log.txt", "w", encoding="utf-8") as log_file:
-        code = subprocess.call([sys.executable, "-m", "unialign.experiment.worker", str(folder / "job.json")],
+        code = subprocess.call([sys.executable, "-m", "benchmarks.claims.worker", str(folder / "job.json")],
                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
     if code != 0 or not outcome_path.is_file():
         tail = (folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
@@ -322,7 +323,7 @@ def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
 
 def train_model(config: dict[str, Any]):
     """Train one run with :func:`unialign.pipeline.train`, or with its peer library (a seam the tests replace)."""
-    from unialign.experiment.peers import get_peer
+    from benchmarks.claims.peers import get_peer
     from unialign.pipeline import train
 
     peer = get_peer(config["loss_type"])
@@ -336,8 +337,8 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
     """Rescore (when asked), train, measure and evaluate one run; returns the outcome fields of its record."""
     import torch
 
+    from benchmarks.claims.peers import get_peer
     from unialign.allocator import keep_freed_memory
-    from unialign.experiment.peers import get_peer
     from unialign.losses.registry import get_method
 
     config = dict(job["config"])

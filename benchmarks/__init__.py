@@ -1,0 +1,46 @@
+"""This repository's harnesses around the unialign library: they import it, it never imports them.
+
+- :mod:`benchmarks.bench`: unialign against TRL on the same work (``python -m benchmarks.bench``).
+- :mod:`benchmarks.claims`: the papers' claims as a resumable sweep (``python -m benchmarks.claims``).
+- ``padding.py``, ``online_vs_ppo.py``, ``data_prep.py``, ``judge_speed.py``: single measurements
+  (``python -m benchmarks.<name>`` from the repository root).
+
+Run them from a checkout; they are not installed with the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for a worker process: this one's, with the repository root first on ``PYTHONPATH``.
+
+    Workers are started as ``python -m benchmarks...``, which finds the harness only when the
+    repository root is importable, whatever the parent's working directory.
+    """
+    paths = [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+def run_cli(func, args) -> int:
+    """Run a harness command as the ``unialign`` CLI runs its own (same messages and exit codes).
+
+    A mistake in what the user gave (a spec, a model path) ends in one line and exit 1, a bug in a
+    traceback and exit 70, Ctrl-C with exit 130; ``--debug`` or ``UNIALIGN_DEBUG=1`` shows every traceback.
+    """
+    import logging
+
+    from unialign.cli import run_command
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    debug = getattr(args, "debug", False) or os.environ.get("UNIALIGN_DEBUG", "") not in ("", "0")
+    return run_command(func, args, debug=debug, roots=(str(REPO / "benchmarks"),))
+
+
+def add_debug_argument(parser) -> None:
+    """The ``--debug`` flag every harness command shares with the ``unialign`` CLI."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks (or set UNIALIGN_DEBUG=1)")
