@@ -112,17 +112,6 @@ def is_done(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("status") == DONE
 
 
-def done_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
-    """Finished records of every (run, seed) of the spec under its current settings."""
-    out = {}
-    for name, entry in spec.runs.items():
-        for seed in entry.seeds:
-            record = read_record(spec, name, seed)
-            if is_done(record):
-                out[(name, seed)] = record
-    return out
-
-
 # ----------------------------------------------------------------------------- the sweep
 @dataclass
 class SweepSummary:

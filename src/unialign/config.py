@@ -204,7 +204,7 @@ class UnialignConfig(TrainingArguments):
         default=False,
         metadata={"help": "write the run into a folder holding files unialign did not write (never replacing them)"},
     )
-    # --- online UNA (SPEC §4, docs/online.md); TRL's names where TRL has one
+    # --- online UNA (docs/online.md, docs/online.md); TRL's names where TRL has one
     reward: str | None = field(
         default=None,
         metadata={"help": "explicit reward source: offline | callable:MODULE:FN | reward-model:PATH | llm-judge:MODEL"},
@@ -227,7 +227,7 @@ class UnialignConfig(TrainingArguments):
         default=None, metadata={"help": "[low, high] of a bounded reward source, for reward_normalization: range"}
     )
     ratio_base: str = field(
-        default="reference", metadata={"help": "reference (SPEC) or rollout (the authors' code): the ratio's base"}
+        default="reference", metadata={"help": "reference (default) or rollout (the authors' code): the ratio's base"}
     )
     generation_backend: str = field(
         default="transformers", metadata={"help": "transformers | vllm (a colocated engine; needs vllm and a GPU)"}

@@ -1,4 +1,4 @@
-"""Evaluation of a trained policy against its reference (SPEC §5).
+"""Evaluation of a trained policy against its reference (docs/methods.md, evaluation).
 
 On held-out prompts both models generate; a reward source scores both generations, giving mean
 rewards and a per-prompt win/tie/loss rate. The policy's generations are also scored by both
@@ -323,7 +323,7 @@ def evaluate(
     tie_tolerance: float = 1e-6,
     samples_per_prompt: int = 1,
 ) -> EvalReport:
-    """Compare ``model`` with ``reference`` on ``prompts`` under ``reward`` (SPEC §5).
+    """Compare ``model`` with ``reference`` on ``prompts`` under ``reward`` (docs/methods.md, evaluation).
 
     Both models generate one completion per prompt with ``generation`` (default: greedy, 128 new
     tokens). Reports mean/std reward of each side, the per-prompt win/tie/loss rate (a tie when the

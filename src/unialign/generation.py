@@ -161,7 +161,7 @@ def to_generation(ids: list[int], tokenizer, stops: list[int]) -> Generation:
 
 
 def completion_ids(generation: Generation) -> list[int]:
-    """Exactly the sampled tokens: the completion's ids plus the stop token when it stopped (SPEC §1)."""
+    """Exactly the sampled tokens: the completion's ids plus the stop token it stopped on (docs/data.md)."""
     return list(generation.token_ids) + ([generation.stop_id] if generation.ended else [])
 
 

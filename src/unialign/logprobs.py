@@ -1,4 +1,4 @@
-"""Token and sequence log-probs (SPEC §1) without building full-vocabulary logits.
+"""Token and sequence log-probs (docs/data.md, tokenization) without building full-vocabulary logits.
 
 The model runs once over the batch with ``logits_to_keep=1``, so it never returns the
 ``(N, L, V)`` logits; we take the final hidden state and project only the positions whose next

@@ -1,7 +1,7 @@
-"""Converters between feedback formats (SPEC §2).
+"""Converters between feedback formats (docs/methods.md, data formats).
 
 Every converter is a pure function ``rows -> ConversionResult``: input rows are never modified, the
-output rows use the SPEC §2 / TRL column names, and every row that cannot be used is counted in
+output rows use the TRL column names (docs/methods.md), and every row that cannot be used is counted in
 ``ConversionResult.dropped`` under a reason (a drop is never silent). Malformed rows (a missing
 field, a non-numeric or out-of-range score, NaN rewards, lists of different lengths) raise
 :class:`~unialign.data.errors.DataError` naming the row and the field.

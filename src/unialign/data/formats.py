@@ -1,4 +1,4 @@
-"""Feedback formats (SPEC §2): detect a dataset's format from its columns and validate each row.
+"""Feedback formats (docs/methods.md, data formats): detect a dataset's format from its columns and validate each row.
 
 Every valid row becomes an :class:`Example`: one prompt, the completions in the format's slot order
 (see ``unialign.losses.base.SLOTS``) and the per-slot feedback. Text fields are plain strings or

@@ -1,4 +1,4 @@
-"""Tokenization (SPEC §1): prompt and completions separately, chat templates, truncation, drops.
+"""Tokenization (docs/data.md, tokenization): prompt and completions separately, chat templates, truncation, drops.
 
 Prompt and completion are tokenized on their own and concatenated, so no token merges across the
 boundary. Conversation prompts go through the chat template with ``add_generation_prompt=True``; a
@@ -167,7 +167,7 @@ def encode_completion(
     name: str = "completion",
     split_special_tokens: bool = True,
 ) -> list[int]:
-    """Token ids of one completion of ``prompt`` (SPEC §1).
+    """Token ids of one completion of ``prompt`` (docs/data.md, tokenization).
 
     Conversational prompt: what the chat template renders for the completion's message(s) after the
     generation prompt, up to and including the end-of-turn token that closes the last message; a
@@ -346,7 +346,7 @@ def tokenize_rows(
 ) -> tuple[list[TokenizedExample], DropReport]:
     """Validate and tokenize every row.
 
-    Over-long prompts are always dropped and counted (SPEC §1). Other bad rows raise a
+    Over-long prompts are always dropped and counted (docs/data.md, tokenization). Other bad rows raise a
     :class:`DataError` naming source, row and field, or, with ``on_bad_row="drop"``, are counted.
     """
     report = DropReport(total=len(rows))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 # Slot order per feedback format. Losses index slots by these positions.
@@ -97,7 +96,7 @@ class MethodInputs:
 
 @dataclass
 class LossOutput:
-    """A scalar loss and the metrics to log for it (detached scalars, SPEC §3 names)."""
+    """A scalar loss and the metrics to log for it (detached scalars, TRL names, docs/methods.md)."""
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
@@ -106,14 +105,14 @@ class LossOutput:
 LossFn = Callable[[MethodInputs, Any], LossOutput]
 
 
-def pair_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:
+def pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
     """The standard ``rewards/{chosen,rejected,margins,accuracies}`` metrics from per-row rewards."""
     chosen, rejected = chosen.detach(), rejected.detach()
     return {
-        f"{prefix}/chosen": chosen.mean(),
-        f"{prefix}/rejected": rejected.mean(),
-        f"{prefix}/margins": (chosen - rejected).mean(),
-        f"{prefix}/accuracies": (chosen > rejected).float().mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
     }
 
 
@@ -127,8 +126,3 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` where ``mask`` is true; padding slots never enter the loss."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def as_tensor(value: float, like: Tensor) -> Tensor:
-    """A scalar hyperparameter on the same device and dtype as ``like``."""
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device)

@@ -9,7 +9,7 @@ regressed onto the (optionally rescaled) explicit reward:
     pred_ij = β·(logp_θ(y_ij|x_i) − logp_ref(y_ij|x_i) + z0 + Δ_i)
     L = mean_i mean_{j real} (pred_ij − r̃_ij)²,   r̃_ij = (r_ij − reward_shift) / reward_scale
 
-The reward convention matches SPEC §4 (online UNA: ``σ((r − shift)/scale)``); the defaults
+The reward convention matches docs/online.md (online UNA: ``σ((r − shift)/scale)``); the defaults
 ``reward_scale = 1, reward_shift = 0`` leave rewards unchanged. At the optimum with ``Δ = 0`` the
 log-ratio is ``r̃/β − z0``: ``z0`` shifts the mean implicit reward, β scales the gaps.
 """
@@ -96,6 +96,6 @@ register(Method(
     name="rao", loss=rao, formats=("listwise",), needs_reference=True, needs_prompt_logps=True,
     needs_shared_first_token=True,
     summary="Reward Alignment Optimization: regress β·(log-ratio + z0 + prompt term) onto explicit rewards",
-    paper="RAO: Reward Alignment Optimization (papers/RAO-reward-alignment-optimization.txt)",
+    paper="RAO: \"Reward Alignment Optimization: A Direct Point-wise Alignment Approach\"",
     defaults={"beta": 0.1, "learning_rate": 5e-7, "z0": 50.0},
 ))

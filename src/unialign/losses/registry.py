@@ -21,7 +21,7 @@ class Method:
     Attributes:
         name: registry key, used as ``loss_type`` in configs.
         loss: pure loss function ``(MethodInputs, config) -> LossOutput``.
-        formats: feedback formats the method can train on (SPEC §2), first one preferred.
+        formats: feedback formats the method can train on (docs/methods.md, data formats), first one preferred.
         needs_reference: whether reference log-probs are computed (never loaded otherwise).
         needs_prompt_logps: whether prompt log-probs after the first token are computed (RAO; ORPO's
             NLL over prompt and completion).

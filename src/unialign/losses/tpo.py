@@ -1,4 +1,7 @@
-"""TPO: triple preference optimization (Saeidi et al. 2024, papers/TPO-triple-preference-optimization.txt).
+"""TPO: triple preference optimization.
+
+Saeidi et al., "Triple Preference Optimization: Achieving Better Alignment with Less Data in a Single
+Step Optimization".
 
 Slots: ``0 = reference (gold, y_ref)``, ``1 = chosen (y_w)``, ``2 = rejected (y_l)``. No reference
 *model*: the preference term uses the policy's own log-probs and the gold completion is learned by

@@ -1,7 +1,7 @@
 """Online UNA: RLHF's RL stage as a regression of implicit on explicit rewards, with no value model.
 
 Wang et al. 2024, "UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit
-Reward Function", §2.3.4 (simplification of RLHF) and §4.2 (online experiments); SPEC §4.
+Reward Function", §2.3.4 (simplification of RLHF) and §4.2 (online experiments); docs/online.md.
 
 Each step the policy samples completions ``y ~ π_θ(·|x)``, a reward source rates them with an
 explicit reward ``r_φ(x, y)``, and the implicit reward
@@ -22,7 +22,7 @@ The explicit target comes from ``r_φ`` by ``reward_normalization`` (after the m
 - ``range``: ``s_φ = clip((r_φ − lo) / (hi − lo), 0, 1)`` for a bounded source (``reward_range``, or
   the source's ``bounds``); in reward space the target is that same ``[0, 1]`` value.
 
-``π_base`` is the frozen reference ``π_ref`` (``ratio_base: reference``, SPEC §4, the default) or the
+``π_base`` is the frozen reference ``π_ref`` (``ratio_base: reference``, docs/online.md, the default) or the
 policy that sampled the rollout (``ratio_base: rollout``, the authors' code). With ``rollout`` the
 log-ratio is exactly 0 on the first optimizer pass over a batch of rollouts, so ``σ(r_θ) = 0.5``
 there and each completion's log-prob is pushed up when ``s_φ > 0.5`` and down when ``s_φ < 0.5``;

@@ -1,4 +1,4 @@
-"""Online UNA (SPEC §4): sample completions, score them with a reward source, regress the implicit reward.
+"""Online UNA (docs/online.md): sample completions, score them with a reward source, regress the implicit reward.
 
 ``unialign.train({"loss_type": "una_online", "reward": ..., ...})`` lands here; see docs/online.md.
 """

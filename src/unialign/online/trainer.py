@@ -1,4 +1,4 @@
-"""The online UNA loop (SPEC §4): sample → score → implicit reward → UNA loss, inside ``transformers.Trainer``.
+"""The online UNA loop (docs/online.md): sample → score → implicit reward → UNA loss, inside ``transformers.Trainer``.
 
 :class:`OnlineUnaTrainer` is a :class:`~unialign.trainer.UnialignTrainer` whose training dataset is a
 list of prompt indices. Each micro-batch of prompts becomes a :class:`~unialign.online.rollout.Rollout`
@@ -136,7 +136,7 @@ class OnlineUnaTrainer(UnialignTrainer):
 
     @torch.no_grad()
     def make_rollout(self, model, indices: list[int]) -> Rollout:
-        """Sample, score and prepare the completions of the prompts ``indices`` (SPEC §4)."""
+        """Sample, score and prepare the completions of the prompts ``indices`` (docs/online.md)."""
         cfg = self.args
         records = [self.prompts[i] for i in indices]
         tokenizer = self.processing_class

@@ -1,4 +1,4 @@
-"""The reward-source interface shared by online training, dataset building and evaluation (SPEC §4)."""
+"""The reward-source interface shared by online training, dataset building and evaluation (docs/online.md)."""
 
 from __future__ import annotations
 
