@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import unialign
 from unialign.config import load_config
-from unialign.data.errors import DataError
+from unialign.data.errors import DataError, DuplicateKey
 from unialign.data.formats import FORMAT_COLUMNS, ROLES, Example, detect_format, validate_row
 from unialign.data.sources import read_rows
 from unialign.data.tokenize import tokenize_rows
@@ -87,10 +87,19 @@ def test_a_duplicated_key_is_an_error_naming_row_and_field(on_bad_row, tokenizer
     assert str(info.value) == f"{BAD / 'duplicate_keys.jsonl'}, row 2, field 'chosen': the key 'chosen' " + \
         DUPLICATE.format("this row")
     assert (info.value.row, info.value.field) == (1, "chosen")
+    # Training (the Arrow path) treats such a row as a bad row: an error, or a counted drop.
     cfg = load_config(None, {"loss_type": "dpo", "output_dir": str(tmp_path), "max_length": MAX_LENGTH,
                              "on_bad_row": on_bad_row})
-    with pytest.raises(DataError, match=r"duplicate_keys.jsonl, row 2, field 'chosen': the key 'chosen' appears"):
-        prepare_data(str(BAD / "duplicate_keys.jsonl"), cfg, get_method("dpo"), tokenizer)  # the Arrow path
+    if on_bad_row == "error":
+        with pytest.raises(DuplicateKey, match=r"duplicate_keys.jsonl, row 2, field 'chosen': the key 'chosen' "):
+            prepare_data(str(BAD / "duplicate_keys.jsonl"), cfg, get_method("dpo"), tokenizer)
+        return
+    data = prepare_data(str(BAD / "duplicate_keys.jsonl"), cfg, get_method("dpo"), tokenizer)
+    assert data.report.reasons == {
+        "chosen: the key 'chosen' appears more than once in this row": 1,
+        "prompt: the key 'content' appears more than once in prompt[0]": 1,
+    }
+    assert [e.row for e in data.examples] == [0, 3]
 
 
 def test_a_duplicated_key_inside_a_message_names_the_column(tmp_path):

@@ -24,3 +24,11 @@ class DataError(ValueError):
 
 class PromptTooLong(DataError):
     """A row whose prompt alone leaves no room for a completion token: always a counted drop, never fatal."""
+
+
+class DuplicateKey(DataError):
+    """A JSON row that gives one key twice: which value was meant cannot be told.
+
+    A bad row like any other in training (counted and dropped under ``on_bad_row: drop``); readers
+    with no drop mode (converting, building, evaluating) refuse the file.
+    """

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unialign.data.errors import DataError
+from unialign.data.errors import DataError, DuplicateKey
 from unialign.jsonfile import dumps as json_dumps
 
 
@@ -105,7 +105,7 @@ def loads_keeping_duplicates(text: str) -> tuple[Any, list[tuple[dict, str]]]:
     return json.loads(text, object_pairs_hook=build), twice
 
 
-def duplicate_key_error(root: Any, twice: list[tuple[dict, str]], source: str, row: int | None) -> DataError:
+def duplicate_key_error(root: Any, twice: list[tuple[dict, str]], source: str, row: int | None) -> DuplicateKey:
     """The :class:`DataError` for the first repeated key found in ``root`` (a row, or a .json file's list).
 
     The field is the row's column holding the repeated key (the key itself for a top-level column).
@@ -116,13 +116,13 @@ def duplicate_key_error(root: Any, twice: list[tuple[dict, str]], source: str, r
         row, path = path[0], path[1:]
     if not path:
         where = "this row" if row is not None else "the file's top-level object"
-        return DataError(
+        return DuplicateKey(
             f"the key {key!r} appears more than once in {where}; JSON keys must be unique, "
             "and which value was meant cannot be told",
             source=source, row=row, field=key if row is not None else None,
         )
     inside = path[0] + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path[1:])
-    return DataError(
+    return DuplicateKey(
         f"the key {key!r} appears more than once in {inside}; JSON keys must be unique, "
         "and which value was meant cannot be told",
         source=source, row=row, field=str(path[0]),

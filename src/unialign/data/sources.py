@@ -36,7 +36,7 @@ from unialign.config import describe_dataset
 from unialign.data.bundled import FORMATS as BUNDLED_FORMATS
 from unialign.data.bundled import SPLITS as BUNDLED_SPLITS
 from unialign.data.bundled import load_bundled
-from unialign.data.errors import DataError
+from unialign.data.errors import DataError, DuplicateKey
 from unialign.data.io import (
     decode_jsonl_line,
     file_kind,
@@ -195,13 +195,16 @@ class RowTable:
         return len(self.dataset)
 
     def head(self, count: int) -> list[dict[str, Any]]:
-        """The first ``count`` rows; an unreadable one among them raises its :class:`DataError`."""
+        """The first ``count`` rows; an unreadable one among them raises its :class:`DataError`.
+
+        Rows that repeat a key are left out here: they are bad rows, which tokenization reports or drops.
+        """
         batch = self.dataset[: min(count, len(self.dataset))]
         rows = decode_rows(self.encoding, batch, self.name)
         for row in rows:
-            if isinstance(row, DataError):
+            if isinstance(row, DataError) and not isinstance(row, DuplicateKey):
                 raise row
-        return rows
+        return [row for row in rows if not isinstance(row, DataError)]
 
 
 def decode_rows(encoding: str, batch: dict[str, list], source: str) -> list[Any]:

@@ -36,7 +36,7 @@ import torch
 from datasets import Features, is_caching_enabled
 
 import unialign.data.tokenize as tokenization
-from unialign.data.errors import DataError
+from unialign.data.errors import DataError, DuplicateKey
 from unialign.data.sources import RowTable, cache_root, decode_rows
 from unialign.data.tokenize import (
     DropReport,
@@ -179,7 +179,7 @@ class _TokenizeBatch:
                 )
                 if isinstance(result, TokenizedExample):
                     status, example = KEPT, result
-                elif isinstance(row, DataError) or is_fatal(result, self.on_bad_row):
+                elif unreadable(row) or is_fatal(result, self.on_bad_row):
                     status, error, self.failed = FATAL, _error_to_json(result), True
                 else:
                     status, reason = DROPPED, drop_reason(result)
@@ -189,6 +189,14 @@ class _TokenizeBatch:
             for codec in self.codecs:
                 out[codec.name].append(codec.encode(getattr(example, codec.name)) if example is not None else None)
         return out
+
+
+def unreadable(row: Any) -> bool:
+    """A line that is not a row at all (malformed JSON, bad UTF-8): always fatal, whatever ``on_bad_row``.
+
+    A row that repeats a key was read, and is a bad row like one that fails validation.
+    """
+    return isinstance(row, DataError) and not isinstance(row, DuplicateKey)
 
 
 def _error_to_json(error: DataError) -> str:
