@@ -128,8 +128,16 @@ _PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
 def _special_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
-    texts = sorted(tokenizer.convert_ids_to_tokens(sorted(special_ids(tokenizer))), key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in texts if t))
+    ids = special_ids(tokenizer)
+    cached = _SPECIAL_PATTERNS.get(tokenizer)
+    if cached is None or cached[0] is not ids:  # built once per tokenizer (and vocabulary): this runs per row
+        texts = sorted(tokenizer.convert_ids_to_tokens(sorted(ids)), key=len, reverse=True)
+        cached = (ids, re.compile("|".join(re.escape(t) for t in texts if t)))
+        _SPECIAL_PATTERNS[tokenizer] = cached
+    return cached[1]
+
+
+_SPECIAL_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> str:
