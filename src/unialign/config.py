@@ -23,6 +23,7 @@ from transformers import TrainingArguments
 
 from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
+from unialign.losses.una import UNA_LOSSES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMATS = ("auto", "pairwise", "binary", "score", "triple", "listwise", "prompt", "sft")
@@ -30,7 +31,7 @@ FORMATS = ("auto", "pairwise", "binary", "score", "triple", "listwise", "prompt"
 # Fields whose values must be one of a fixed set: checked with a message naming the choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset_format": FORMATS,
-    "una_loss": ("mse", "bce"),
+    "una_loss": UNA_LOSSES,
     "on_bad_row": ("error", "drop"),
     "logprob_impl": ("auto", "chunked", "full"),
     "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
