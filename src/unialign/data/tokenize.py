@@ -80,9 +80,30 @@ def encode_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase, split_special
     writes ``<|im_end|>``) is tokenized as plain text; only the template's own markers are control tokens.
     """
     if isinstance(prompt, list):
-        shield = Shield(tokenizer, split_special_tokens)
-        return shield.encode(render(shield.messages(prompt), tokenizer, add_generation_prompt=True))
+        return render_prompt(prompt, tokenizer, split_special_tokens).ids()
     return tokenizer(prompt, add_special_tokens=True, split_special_tokens=split_special_tokens)["input_ids"]
+
+
+@dataclass
+class RenderedPrompt:
+    """A conversational prompt rendered once: its shielded messages, its text with the generation
+    prompt, and the :class:`Shield` that holds its special-token text; completions render after it."""
+
+    shield: Shield
+    messages: list[dict]
+    head: str
+
+    def ids(self) -> list[int]:
+        """The prompt's token ids."""
+        return self.shield.encode(self.head)
+
+
+def render_prompt(prompt: list[dict], tokenizer: PreTrainedTokenizerBase, split_special_tokens: bool = True
+                  ) -> RenderedPrompt:
+    """Render a conversational prompt with the generation prompt (see :func:`encode_prompt`)."""
+    shield = Shield(tokenizer, split_special_tokens)
+    messages = shield.messages(prompt)
+    return RenderedPrompt(shield, messages, render(messages, tokenizer, add_generation_prompt=True))
 
 
 class Shield:
@@ -94,7 +115,7 @@ class Shield:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, active: bool = True):
-        self.tokenizer, self.active, self.table = tokenizer, active, []
+        self.tokenizer, self.table = tokenizer, []
         self.pattern = _special_pattern(tokenizer) if active else None
 
     def messages(self, messages: list[dict]) -> list[dict]:
@@ -199,8 +220,13 @@ def encode_completions(
     ended: list[bool],
     names: list[str],
     split_special_tokens: bool = True,
+    rendered: RenderedPrompt | None = None,
 ) -> list[list[int]]:
-    """:func:`encode_completion` for every completion of one prompt, rendering the prompt once."""
+    """:func:`encode_completion` for every completion of one prompt, rendering the prompt once.
+
+    ``rendered``: the conversational prompt already rendered by :func:`render_prompt` with the same
+    ``split_special_tokens``, when the caller has it.
+    """
     if not isinstance(prompt, list):
         out = []
         for completion, done, name in zip(completions, ended, names):
@@ -210,9 +236,8 @@ def encode_completions(
             ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=split_special_tokens)
             out.append(ids["input_ids"] + [tokenizer.eos_token_id] if done else ids["input_ids"])
         return out
-    shield = Shield(tokenizer, split_special_tokens)
-    prompt = shield.messages(prompt)
-    head = render(prompt, tokenizer, add_generation_prompt=True)
+    rendered = rendered or render_prompt(prompt, tokenizer, split_special_tokens)
+    shield, prompt, head = rendered.shield, rendered.messages, rendered.head
     out = []
     for completion, done, name in zip(completions, ended, names):
         messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
@@ -316,8 +341,15 @@ def tokenize_example(
         PromptTooLong: when the prompt alone leaves no room for a completion token (a counted drop).
         DataError: when a field cannot be tokenized as the format and template require.
     """
+    rendered = None
     try:
-        prompt_ids = encode_prompt_capped(example.prompt, tokenizer, max_prompt_length, split_special_tokens)
+        if isinstance(example.prompt, list):
+            rendered = render_prompt(example.prompt, tokenizer, split_special_tokens)
+            prompt_ids = rendered.ids()
+        else:
+            prompt_ids = encode_prompt(example.prompt, tokenizer, split_special_tokens)
+        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+            prompt_ids = encode_prompt_capped(example.prompt, tokenizer, max_prompt_length, split_special_tokens)
     except DataError as err:
         raise type(err)(err.problem, row=example.row, field=err.field) from None
     if not prompt_ids:
@@ -331,7 +363,7 @@ def tokenize_example(
     ended = example.ended or [True] * len(example.completions)
     try:
         completions = encode_completions(example.prompt, example.completions, tokenizer, ended, names,
-                                         split_special_tokens)
+                                         split_special_tokens, rendered)
     except DataError as err:
         raise DataError(err.problem, row=example.row, field=err.field) from None
     completions = [ids[:budget] for ids in completions]
