@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import unialign
+from tests.conftest import tiny_dpo_config
 from unialign.checkpoints import MARKER, prepare_metrics_file, resolve_resume
 
 # Runs unialign.train(config) and SIGKILLs itself at a chosen checkpoint: KILL_DURING_SAVE=N after checkpoint-N's
@@ -53,24 +54,9 @@ def data_file(tmp_path, pairwise_rows):
 
 
 def _config(tiny_model_dir, data_file, output_dir, **extra):
-    values = dict(
-        model_name_or_path=tiny_model_dir,
-        dataset=str(data_file),
-        loss_type="dpo",
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=2,  # 4 steps per epoch: the run crosses an epoch boundary
-        learning_rate=1e-2,
-        report_to="none",
-        disable_tqdm=True,
-        max_length=64,
-        max_prompt_length=48,
-        seed=0,
-        save_strategy="steps",
-        save_steps=2,
-    )
-    values.update(extra)
-    return values
+    # 4 steps per epoch at batch 2: the run crosses an epoch boundary
+    settings = {"max_steps": 6, "per_device_train_batch_size": 2, "save_strategy": "steps", "save_steps": 2}
+    return tiny_dpo_config(tiny_model_dir, str(data_file), output_dir, **(settings | extra))
 
 
 def _run(config: dict, **env) -> int:

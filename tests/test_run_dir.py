@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import unialign
+from tests.conftest import tiny_dpo_config
 from unialign import cli, rundir
 from unialign.checkpoints import (
     MARKER,
@@ -69,23 +70,12 @@ def data_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def config_file(tiny_model_dir, data_path, tmp_path_factory) -> Path:
     """A YAML config for `unialign train`: DPO, 6 steps of 2 rows, checkpoints every 2 steps, constant LR."""
-    values = dict(
-        model_name_or_path=tiny_model_dir,
-        dataset=data_path,
-        loss_type="dpo",
-        max_steps=6,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
+    values = tiny_dpo_config(
+        tiny_model_dir, data_path, None, max_steps=6, per_device_train_batch_size=2,
         lr_scheduler_type="constant",  # a checkpoint's weights then do not depend on max_steps
-        beta=0.1,
-        report_to="none",
-        disable_tqdm=True,
-        max_length=64,
-        max_prompt_length=48,
-        seed=0,
-        save_strategy="steps",
-        save_steps=2,
+        beta=0.1, save_strategy="steps", save_steps=2,
     )
+    del values["output_dir"]  # each test names its own on the command line
     path = tmp_path_factory.mktemp("config") / "dpo.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
