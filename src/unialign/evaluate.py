@@ -22,7 +22,7 @@ import torch
 from unialign import jsonfile
 from unialign.data.collate import pad_sequences
 from unialign.data.formats import ENDED_SUFFIX
-from unialign.data.tokenize import encode_completion, encode_prompt
+from unialign.data.tokenize import encode_completions, encode_prompt
 from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
 from unialign.rewards.base import RewardSource
@@ -277,12 +277,13 @@ def pair_sequences(pairs: list[dict], tokenizer) -> list[tuple[list[int], list[i
 
     Tokenized as training tokenizes them, ``chosen_ended`` / ``rejected_ended`` flags included.
     """
+    slots = ["chosen", "rejected"]
     sequences = []
     for row in pairs:
         prompt_ids = encode_prompt(row["prompt"], tokenizer)
-        for slot in ("chosen", "rejected"):
-            ended = row.get(slot + ENDED_SUFFIX) is not False
-            sequences.append((prompt_ids, encode_completion(row["prompt"], row[slot], tokenizer, ended, slot)))
+        ended = [row.get(slot + ENDED_SUFFIX) is not False for slot in slots]
+        completions = encode_completions(row["prompt"], [row[slot] for slot in slots], tokenizer, ended, slots)
+        sequences += [(prompt_ids, ids) for ids in completions]
     return sequences
 
 
