@@ -70,6 +70,7 @@ def is_user_error(err: BaseException, roots: tuple[str, ...] = ()) -> bool:
     The same types raised deep inside torch or transformers, and errors such as ``KeyError`` or
     ``AttributeError``, are bugs and keep their traceback.
     """
+    # Imported here: unialign.config loads transformers, which commands that never fail should not wait for.
     from unialign.config import ConfigError
     from unialign.data.errors import DataError
 
