@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from unialign.losses.grpo import SCALE_REWARDS
+from unialign.losses.policy_gradient import AGGREGATIONS
 from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
 from unialign.losses.una import UNA_LOSSES
@@ -41,6 +43,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ratio_base": ("reference", "rollout"),
     "generation_backend": ("transformers", "vllm"),
     "orpo_nll_scope": ORPO_NLL_SCOPES,
+    "scale_rewards": SCALE_REWARDS,
+    "grpo_loss_type": AGGREGATIONS,
 }
 
 # Numeric keys and the values they may take: (lowest, lowest allowed itself?, highest, highest allowed itself?).
@@ -74,6 +78,17 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "weight_decay": (0.0, True, None, False),
     "max_grad_norm": (0.0, True, None, False),
     "dataset_num_proc": (1, True, None, False),
+    "epsilon": (0.0, True, None, False),
+    "epsilon_high": (0.0, True, None, False),
+    "num_ppo_epochs": (1, True, None, False),
+    "num_mini_batches": (1, True, None, False),
+    "cliprange": (0.0, True, None, False),
+    "cliprange_value": (0.0, True, None, False),
+    "vf_coef": (0.0, True, None, False),
+    "kl_coef": (0.0, True, None, False),
+    "lam": (0.0, True, 1.0, True),
+    "num_completions_to_print": (1, True, None, False),
+    "log_completions_steps": (1, True, None, False),
 }
 
 
@@ -206,9 +221,10 @@ class UnialignConfig(TrainingArguments):
         metadata={"help": "write the run into a folder holding files unialign did not write (never replacing them)"},
     )
     # --- online UNA (docs/online.md, docs/online.md); TRL's names where TRL has one
-    reward: str | None = field(
+    reward: Any = field(
         default=None,
-        metadata={"help": "explicit reward source: offline | callable:MODULE:FN | reward-model:PATH | llm-judge:MODEL"},
+        metadata={"help": "explicit reward source: offline | callable:MODULE:FN | reward-model:PATH | llm-judge:MODEL, "
+                  "or a list of {source: SPEC, weight: W, name: NAME} whose weighted sum is the reward"},
     )
     num_generations: int = field(default=4, metadata={"help": "completions sampled per prompt per step"})
     max_completion_length: int = field(default=64, metadata={"help": "max new tokens per sampled completion"})
@@ -238,6 +254,35 @@ class UnialignConfig(TrainingArguments):
     )
     vllm_max_model_len: int | None = field(
         default=None, metadata={"help": "longest prompt + completion the engine holds (default: max_length)"}
+    )
+    # --- online RL: GRPO, RLOO, PPO (docs/online.md); TRL's names (GRPOConfig, RLOOConfig, PPOConfig)
+    scale_rewards: str = field(default="group", metadata={"help": "GRPO: divide advantages by the group std, "
+                               "the batch std, or none"})
+    grpo_loss_type: str = field(default="dapo", metadata={"help": "GRPO's aggregation, TRL's loss_type: grpo | bnpo "
+                                "| dr_grpo | dapo"})
+    epsilon: float = field(default=0.2, metadata={"help": "GRPO/RLOO: lower clipping range of the ratio"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "GRPO/RLOO: upper range (default epsilon)"})
+    normalize_advantages: bool = field(default=False, metadata={"help": "RLOO: whiten advantages over the batch"})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "PPO: passes over each batch of rollouts"})
+    num_mini_batches: int = field(default=1, metadata={"help": "PPO: minibatches (optimizer steps) per pass"})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO: policy ratio clipping range"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "PPO: value clipping range around rollout values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss"})
+    kl_coef: float = field(default=0.05, metadata={"help": "PPO: per-token KL penalty to the reference in the reward"})
+    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda (gamma is the discount, default 1.0)"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten per-token rewards (mean kept)"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "PPO: whiten GAE advantages over the batch"})
+    value_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "PPO: the value model's backbone (default: the policy's starting weights)"}
+    )
+    log_completions: bool = field(
+        default=False, metadata={"help": "append prompts, completions, rewards, advantages to completions.jsonl"}
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "completions per logged rollout (default: all)"}
+    )
+    log_completions_steps: int | None = field(
+        default=None, metadata={"help": "log completions every N optimizer steps (default: logging_steps)"}
     )
     # --- TrainingArguments defaults that suit preference training
     learning_rate: float | None = None  # type: ignore[assignment]
@@ -280,7 +325,7 @@ class UnialignConfig(TrainingArguments):
             )
         if self.score_range is not None and (len(self.score_range) != 2 or self.score_range[0] >= self.score_range[1]):
             raise ValueError(f"config key 'score_range' must be [low, high] with low < high, got {self.score_range}")
-        for name, bounds in RANGES.items():
+        for name, bounds in (RANGES | method.ranges).items():
             check_range(name, getattr(self, name), bounds)
         if self.max_steps <= 0 and self.num_train_epochs == 0:
             raise ConfigError("num_train_epochs", "is 0 and max_steps is not set: the run would train 0 steps")

@@ -4,7 +4,7 @@ The registry is a leaf that the family modules import; importing this package im
 so every method is registered before anyone can ask the registry for one.
 """
 
-from unialign.losses import families, una_online  # noqa: F401  (registers every method)
+from unialign.losses import families, grpo, ppo, una_online  # noqa: F401  (registers every method)
 from unialign.losses.base import LossOutput, MethodInputs
 from unialign.losses.registry import Method, all_methods, check_format, get_method
 

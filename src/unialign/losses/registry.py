@@ -33,6 +33,16 @@ class Method:
             hands it to :mod:`unialign.online`).
         targets_from: which per-slot feedback fills ``MethodInputs.targets``: ``labels`` (1 preferred /
             0 not) or ``scores`` (normalized explicit scores, labels when a row has none); ``None``: no targets.
+        token_level: whether the loss reads per-token log-probs (a ``losses.policy_gradient.TokenInputs``) instead
+            of per-sequence sums (the online RL methods: PPO, GRPO, RLOO).
+        needs_old_logps: whether the rollout keeps the sampling policy's per-token log-probs (clipped ratios).
+        needs_value_model: whether a value model is built and trained beside the policy (PPO).
+        needs_groups: whether the advantages compare the ``num_generations`` samples of one prompt (so at least 2).
+        advantages: for online RL methods, the rollout-time estimator ``(RolloutSignals, cfg) -> (tensors,
+            metrics)`` that turns rewards (and values, log-probs) into what the loss reads.
+        schedule: ``cfg -> (epochs, minibatches)``: optimizer passes over each rollout, and how many
+            minibatches each pass splits it into; ``None``: ``(num_iterations, 1)``.
+        ranges: config-key ranges that differ for this method (``config.RANGES`` form), e.g. GRPO's ``beta >= 0``.
         defaults: the papers' hyperparameters, applied where the config leaves a field unset.
         config_needs: for a method whose needs depend on config keys, ``cfg -> {field: value}`` giving
             them; :meth:`for_config` applies it. The declared fields hold the needs of the defaults.
@@ -52,8 +62,19 @@ class Method:
     model_kind: str = "causal_lm"
     online: bool = False
     targets_from: str | None = None
+    token_level: bool = False
+    needs_old_logps: bool = False
+    needs_value_model: bool = False
+    needs_groups: bool = False
+    advantages: Callable[..., Any] | None = None
+    schedule: Callable[[Any], tuple[int, int]] | None = None
+    ranges: dict[str, tuple] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     config_needs: Callable[[Any], dict[str, Any]] | None = None
+
+    def passes(self, cfg) -> tuple[int, int]:
+        """``(epochs, minibatches)`` of optimizer passes over each batch of rollouts under ``cfg``."""
+        return self.schedule(cfg) if self.schedule is not None else (cfg.num_iterations, 1)
 
     def for_config(self, cfg) -> Method:
         """This method as one config trains it: the needs that depend on config keys, resolved."""
