@@ -47,6 +47,7 @@ LOCK_FILE = ".unialign.lock"
 RUN_CONFIG = "config.json"
 DATA_REPORT = "data_report.txt"
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
 REF_LOGPS_FILE = "ref_logps.safetensors"
 MODEL_DIR = "model"
 PARTIAL_MODEL_DIR = ".model.partial"
@@ -55,8 +56,8 @@ PLOTS_DIR = "plots"
 CHECKPOINT_MARKER = "unialign_checkpoint.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 OWNED_NAMES = frozenset(
-    {RUN_MARKER, LOCK_FILE, RUN_CONFIG, DATA_REPORT, METRICS_FILE, REF_LOGPS_FILE, MODEL_DIR, PARTIAL_MODEL_DIR,
-     PREVIOUS_MODEL_DIR, PLOTS_DIR}
+    {RUN_MARKER, LOCK_FILE, RUN_CONFIG, DATA_REPORT, METRICS_FILE, COMPLETIONS_FILE, REF_LOGPS_FILE, MODEL_DIR,
+     PARTIAL_MODEL_DIR, PREVIOUS_MODEL_DIR, PLOTS_DIR}
 )
 _TEMP_RE = re.compile(r"^\..+\.tmp$")  # the temporary files of checkpoints.atomic_write_bytes
 

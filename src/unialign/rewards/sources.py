@@ -134,10 +134,94 @@ class LLMJudge(RewardSource):
         return float(low)
 
 
+class WeightedReward(RewardSource):
+    """A weighted sum of named reward sources, ``r = Σ_i w_i·r_i``, keeping each source's own values.
+
+    Args:
+        components: ``(name, source, weight)`` triples; names are unique and label the log columns
+            (``reward/<name>/mean``).
+    """
+
+    def __init__(self, components: list[tuple[str, RewardSource, float]]):
+        if not components:
+            raise ValueError("a weighted reward needs at least one source")
+        self.components = components
+        self.name = " + ".join(f"{w:g}*{name}" for name, _, w in components) if len(components) > 1 \
+            else components[0][1].name
+        bounds = [source.bounds for _, source, _ in components]
+        if all(b is not None for b in bounds):
+            self.bounds = (
+                sum(min(w * lo, w * hi) for (_, _, w), (lo, hi) in zip(components, bounds)),
+                sum(max(w * lo, w * hi) for (_, _, w), (lo, hi) in zip(components, bounds)),
+            )
+        else:
+            self.bounds = None
+
+    def score(self, prompts: list[Prompt], completions: list[str]) -> dict[str, list[float]]:
+        """Each source's rewards, by name (unweighted)."""
+        return {name: list(source(prompts, completions)) for name, source, _ in self.components}
+
+    def combine(self, per_source: dict[str, list[float]]) -> list[float]:
+        """The weighted sum of :meth:`score`'s values."""
+        columns = [[w * v for v in per_source[name]] for name, _, w in self.components]
+        return [sum(values) for values in zip(*columns)]
+
+    def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
+        return self.combine(self.score(prompts, completions))
+
+
+def source_name(spec: str | RewardSource) -> str:
+    """A short column name for a source: a callable's function name, else the spec (or the source's name)."""
+    if isinstance(spec, RewardSource):
+        return spec.name
+    kind, _, rest = spec.partition(":")
+    return rest.rpartition(":")[2] if kind == "callable" else spec
+
+
+def load_weighted_reward(spec) -> WeightedReward:
+    """A :class:`WeightedReward` from a spec string, a source, or a list of ``{source, weight, name}`` entries.
+
+    ``reward: [{source: callable:mod:f, weight: 1.0}, {source: offline, weight: 0.5, name: judge}]``;
+    ``weight`` defaults to 1, ``name`` to the function's name (or the spec). Bad entries name their index.
+    """
+    if isinstance(spec, WeightedReward):
+        return spec
+    if isinstance(spec, (str, RewardSource)):
+        return WeightedReward([(source_name(spec), load_reward(spec), 1.0)])
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"config key 'reward' must be a spec string or a non-empty list of {{source, weight}}, "
+                         f"got {spec!r}")
+    components, seen = [], set()
+    for index, entry in enumerate(spec):
+        where = f"config key 'reward'[{index}]"
+        if isinstance(entry, (str, RewardSource)):
+            entry = {"source": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping with 'source' and 'weight', got {entry!r}")
+        unknown = sorted(set(entry) - {"source", "weight", "name"})
+        if unknown:
+            raise ValueError(f"{where} has unknown field {unknown[0]!r}; the fields are source, weight, name")
+        if "source" not in entry:
+            raise ValueError(f"{where} has no 'source' (e.g. callable:module:function)")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight:
+            raise ValueError(f"{where} field 'weight' must be a number, got {weight!r}")
+        name = str(entry.get("name") or source_name(entry["source"]))
+        if name in seen:
+            raise ValueError(f"{where}: the name {name!r} is used twice; give one of them a 'name'")
+        seen.add(name)
+        components.append((name, load_reward(entry["source"]), float(weight)))
+    return WeightedReward(components)
+
+
 def load_reward(spec: str | RewardSource) -> RewardSource:
-    """Turn a spec string into a reward source (a RewardSource passes through)."""
+    """Turn a spec string into a reward source (a RewardSource passes through; a list gives a weighted sum)."""
     if isinstance(spec, RewardSource):
         return spec
+    if isinstance(spec, list):
+        return load_weighted_reward(spec)
+    if not isinstance(spec, str):
+        raise ValueError(f"a reward spec must be a string or a list of {{source, weight}}, got {spec!r}")
     kind, _, rest = spec.partition(":")
     if kind == "offline":
         from unialign.rewards.offline_judge import OfflineJudge
@@ -147,7 +231,13 @@ def load_reward(spec: str | RewardSource) -> RewardSource:
         module, _, function = rest.rpartition(":")
         if not module:
             raise ValueError(f"reward spec {spec!r}: write callable:module.path:function")
-        return CallableReward(getattr(importlib.import_module(module), function), name=rest)
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"reward spec {spec!r}: cannot import module {module!r} ({err})") from None
+        if not callable(getattr(imported, function, None)):
+            raise ValueError(f"reward spec {spec!r}: module {module!r} has no function {function!r}")
+        return CallableReward(getattr(imported, function), name=rest)
     if kind == "reward-model":
         return RewardModel(rest)
     if kind == "llm-judge":
@@ -157,4 +247,5 @@ def load_reward(spec: str | RewardSource) -> RewardSource:
     )
 
 
-__all__ = ["CallableReward", "LLMJudge", "RewardModel", "load_reward", "prompt_text"]
+__all__ = ["CallableReward", "LLMJudge", "RewardModel", "WeightedReward", "load_reward", "load_weighted_reward",
+           "prompt_text"]
