@@ -29,7 +29,6 @@ import torch
 from transformers import TrainerCallback
 
 from unialign.generation import Generation, GenerationConfig, check_backend, completion_ids, generate_from_ids
-from unialign.logprobs import token_logps
 from unialign.losses.base import masked_mean
 from unialign.losses.policy_gradient import RolloutSignals, TokenInputs
 from unialign.losses.registry import get_method
@@ -281,7 +280,8 @@ class OnlineTrainer(UnialignTrainer):
 
         start = time.perf_counter()
         with _eval_mode(model):
-            old, entropy = logps_and_entropy(model, batch, index, mask, cfg.per_device_train_batch_size * 4)
+            old, entropy = logps_and_entropy(model, batch, index, mask, cfg.temperature,
+                                             rows=cfg.per_device_train_batch_size * cfg.num_generations)
         batch["old_tok_logps"], batch["tok_entropy"] = old, entropy
         self._timers["old_logps"] += time.perf_counter() - start
 
@@ -327,10 +327,10 @@ class OnlineTrainer(UnialignTrainer):
             return self._completion_logps(self.model, batch)
 
     def _completion_logps(self, model, batch: dict):
-        """``(N, T)`` log-probs of the completion tokens under ``model`` (with gradient when enabled)."""
-        values = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"],
-                             impl=self.logprob_impl, chunk_size=self.args.logprob_chunk_size)
-        return values.gather(1, batch["tok_index"]) * batch["tok_mask"]
+        """``(N, T)`` tempered log-probs of the completion tokens under ``model`` (with gradient when enabled)."""
+        logps, _ = logps_and_entropy(model, batch, batch["tok_index"], batch["tok_mask"], self.args.temperature,
+                                     entropy=False)
+        return logps
 
     def _log_completions(self, prompts, texts, rewards, per_source, signal_name, signal) -> None:
         """Write the completions table at most once per optimizer step, every ``log_completions_steps``."""
@@ -455,24 +455,33 @@ def completion_layout(target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.where(mask, index, first[:, None]), mask
 
 
-@torch.no_grad()
-def logps_and_entropy(model, batch: dict, index: torch.Tensor, mask: torch.Tensor, rows: int):
-    """``(N, T)`` log-probs of the completion tokens and the policy's entropy at each, ``rows`` sequences at a time.
+def logps_and_entropy(model, batch: dict, index: torch.Tensor, mask: torch.Tensor, temperature: float,
+                      rows: int | None = None, entropy: bool = True):
+    """``(N, T)`` log-probs of the completion tokens under ``softmax(logits / temperature)``, and its entropy.
 
-    The full-vocabulary logits of the completion positions are needed for the entropy, so this runs
-    without gradients (the rollout's one pass of the sampling policy).
+    The distribution is the one the completions were sampled from (TRL's GRPO, RLOO and PPO score with
+    the same temperature), so the ratio ``π_θ / π_old`` is that of the sampling distributions. Runs
+    ``rows`` sequences at a time (all at once by default); gradients flow when enabled.
+
+    Returns:
+        ``(logps, entropy)``; ``entropy`` is ``None`` when not asked for.
     """
     out_logps, out_entropy = [], []
-    for start in range(0, batch["input_ids"].shape[0], max(1, rows)):
-        part = slice(start, start + max(1, rows))
+    count = batch["input_ids"].shape[0]
+    rows = count if rows is None else max(1, rows)
+    for start in range(0, count, rows):
+        part = slice(start, start + rows)
         ids, positions = batch["input_ids"][part], index[part]
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"][part], use_cache=False).logits
         sources = (positions - 1).clamp(min=0)
-        picked = logits.gather(1, sources[..., None].expand(-1, -1, logits.shape[-1])).float().log_softmax(-1)
+        picked = logits.gather(1, sources[..., None].expand(-1, -1, logits.shape[-1])).float()
+        picked = (picked / temperature).log_softmax(-1)
         out_logps.append(picked.gather(-1, ids.gather(1, positions)[..., None]).squeeze(-1))
-        out_entropy.append(-(picked.exp() * picked).sum(-1))
+        if entropy:
+            out_entropy.append(-(picked.exp() * picked).sum(-1).detach())
         del logits, picked
-    return torch.cat(out_logps) * mask, torch.cat(out_entropy) * mask
+    logps = torch.cat(out_logps) * mask
+    return logps, (torch.cat(out_entropy) * mask if entropy else None)
 
 
 class _OnlineCallback(TrainerCallback):
