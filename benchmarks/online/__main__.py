@@ -1,0 +1,5 @@
+"""``python -m benchmarks.online``: see the package docstring."""
+
+from benchmarks.online.harness import main
+
+raise SystemExit(main())
