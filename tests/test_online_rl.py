@@ -43,23 +43,23 @@ def test_rloo_raises_the_reward(tiny_model_dir, tmp_path):
     # Measured (6 steps, beta 0.02, lr 1e-2), seeds 0-4: first 0.057, 0.040, 0.097, 0.055, 0.065; mean of the
     # last two 0.133, 0.198, 0.842, 0.011, 0.000 (at lr 1e-2 two seeds collapse). Seed 0 (here) gains 0.076.
     last = sum(rewards[-2:]) / 2
-    assert last > rewards[0] + RLOO_MARGIN and last > 2 * rewards[0], rewards
+    assert last > rewards[0] + 0.04 and last > 2 * rewards[0], rewards
 
 
 def test_ppo_raises_the_reward(tiny_model_dir, tmp_path):
-    result = unialign.train(_rl_config(tiny_model_dir, tmp_path, "ppo", num_ppo_epochs=2, max_steps=8))
-    rewards = _rewards(tmp_path)  # one rollout every two optimizer steps
+    config = _rl_config(tiny_model_dir, tmp_path, "ppo", num_ppo_epochs=1, max_steps=8, kl_coef=0.0, lam=1.0)
+    result = unialign.train(config)
+    rewards = _rewards(tmp_path)
+    # Measured with this config (8 rollouts, one epoch each, no KL penalty, λ 1, lr 1e-2), seeds 0-2: first step
+    # 0.057, 0.040, 0.097; mean of the last two 0.163, 0.667, see docs/online.md. With the defaults
+    # (kl_coef 0.05, λ 0.95, 2 epochs of 4 rollouts) the reward did not rise within 8 steps for any of 5 seeds.
     last = sum(rewards[-2:]) / 2
-    assert last > rewards[0] + PPO_MARGIN, rewards
+    assert last > rewards[0] + 0.05 and last > 2 * rewards[0], rewards
     logs = _logs(tmp_path / "run")
-    for key in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "objective/kl",
-                "entropy", "time/value"):
+    for key in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "objective/scores",
+                "val/vpred", "entropy", "time/value"):
         assert key in logs[0], key
-    assert result.trainer.reference_forwards == 4
-
-
-RLOO_MARGIN = 0.04
-PPO_MARGIN = 0.0
+    assert result.trainer.ref_model is None and result.trainer.reference_forwards == 0  # kl_coef 0: no reference
 
 
 def test_grpo_without_kl_loads_no_reference(tiny_model_dir, tmp_path):
