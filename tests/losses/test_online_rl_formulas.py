@@ -125,3 +125,24 @@ def test_ppo_rollout_gives_whitened_advantages_and_returns():
     whitened, _ = get_method("ppo").advantages(signals, cfg)
     assert whitened["advantages"].mean().item() == pytest.approx(0.0, abs=1e-7)
     assert torch.allclose(whitened["returns"], tensors["returns"])  # returns are taken before whitening
+
+
+def test_online_rl_registrations_declare_their_needs():
+    grpo, rloo, ppo = get_method("grpo"), get_method("rloo"), get_method("ppo")
+    assert all(m.online and m.token_level and m.needs_old_logps for m in (grpo, rloo, ppo))
+    assert grpo.needs_groups and rloo.needs_groups and not ppo.needs_groups
+    assert ppo.needs_value_model and not grpo.needs_value_model and not rloo.needs_value_model
+    assert grpo.for_config(SimpleNamespace(beta=0.0)).needs_reference is False
+    assert rloo.for_config(SimpleNamespace(beta=0.05)).needs_reference is True
+    assert ppo.for_config(SimpleNamespace(kl_coef=0.0)).needs_reference is False
+    assert ppo.passes(SimpleNamespace(num_ppo_epochs=4, num_mini_batches=2, num_iterations=1)) == (4, 2)
+    assert grpo.passes(SimpleNamespace(num_iterations=3)) == (3, 1)
+    assert get_method("una_online").passes(SimpleNamespace(num_iterations=2)) == (2, 1)
+
+
+def test_grpo_accepts_beta_zero_and_dpo_does_not():
+    from unialign.config import ConfigError, UnialignConfig
+
+    assert UnialignConfig(loss_type="grpo", beta=0.0, output_dir="/tmp/unused").beta == 0.0
+    with pytest.raises(ConfigError, match="config key 'beta' must be > 0.0; got 0.0"):
+        UnialignConfig(loss_type="dpo", beta=0.0, output_dir="/tmp/unused")

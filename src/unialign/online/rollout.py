@@ -138,8 +138,11 @@ def collate_prompt_indices(indices: list[int]) -> dict[str, Tensor]:
 class Rollout:
     """Sampled completions of one micro-batch of prompts, scored and laid out for the loss.
 
-    ``batch`` holds ``input_ids``, ``attention_mask``, ``target_mask``, ``slot_seq`` ``(B, K)``, and the
-    ``(B, K)`` tensors ``ref_logps`` (the ratio's base), ``scores`` (``s_φ``) and ``rewards`` (``r̃_φ``).
+    ``batch`` holds ``input_ids``, ``attention_mask``, ``target_mask``, ``slot_seq`` ``(B, K)``, and for
+    online UNA the ``(B, K)`` tensors ``ref_logps`` (the ratio's base), ``scores`` (``s_φ``) and ``rewards``
+    (``r̃_φ``); for token-level methods the ``(N, T)`` completion layout ``tok_index`` / ``tok_mask``, the
+    sampling policy's ``old_tok_logps`` and ``tok_entropy``, ``ref_tok_logps`` when a reference is needed,
+    and what the method's ``advantages`` estimator returned (``advantages``; PPO also ``returns``, ``old_values``).
     ``metrics`` are logged once per rollout; ``passes`` counts the optimizer passes made over it.
     """
 

@@ -532,8 +532,8 @@ def check_online_config(cfg, reward: RewardSource) -> None:
         )
     if cfg.precompute_ref_log_probs:
         raise ValueError(
-            "config key 'precompute_ref_log_probs' does not apply to una_online: its completions are sampled during "
-            "training, so reference log-probs cannot be computed in advance"
+            f"config key 'precompute_ref_log_probs' does not apply to {cfg.loss_type}: its completions are sampled "
+            "during training, so reference log-probs cannot be computed in advance"
         )
     if cfg.reward_normalization == "range" and not (cfg.reward_range or reward.bounds):
         raise ValueError(
