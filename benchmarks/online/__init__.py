@@ -12,6 +12,7 @@ over prompts; the untrained policy is scored the same way.
 Reported per method: seconds per step, split by phase (generation, scoring, old log-probs, reference,
 value, update, from the ``time/*`` metrics), peak memory (RSS on CPU, ``max_memory_allocated`` on GPU),
 held-out reward with its interval. PPO's extra memory over GRPO (same settings, no value model) is
-explained from its parts: value-model parameters, their gradients and AdamW's two moment buffers,
-counted from the tensors themselves, against the measured difference of peak memory.
+explained from its parts: value-model parameters, their gradients, AdamW's two moment buffers and the
+activations its forward saves for backward on one rollout, counted from the tensors themselves, against
+the measured difference of peak memory.
 """

@@ -107,9 +107,33 @@ def value_model_account(trainer) -> dict:
         for tensor in optimizer.state.get(p, {}).values():
             if hasattr(tensor, "numel") and tensor.dim() > 0:
                 state += tensor.numel() * tensor.element_size()
+    activations = value_activation_bytes(trainer)
     return {"value_params": sum(p.numel() for p in params), "value_trainable": sum(p.numel() for p in trainable),
             "value_weights_mib": weights / MIB, "value_grads_mib": grads / MIB, "value_adam_state_mib": state / MIB,
-            "value_total_mib": (weights + grads + state) / MIB}
+            "value_activations_mib": activations / MIB,
+            "value_total_mib": (weights + grads + state + activations) / MIB}
+
+
+def value_activation_bytes(trainer) -> int:
+    """Bytes the value model's forward keeps for its backward on one rollout of the run's size.
+
+    A fresh rollout is sampled (same prompts per step and generations) and the tensors autograd saves during
+    the value model's forward are counted through ``saved_tensors_hooks`` (each storage once).
+    """
+    import torch
+
+    batch = trainer.make_rollout(trainer.model, list(range(trainer.args.per_device_train_batch_size))).batch
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    params = {p.untyped_storage().data_ptr() for p in trainer.value_model.parameters()}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        trainer.value_model.completion_values(batch, batch["tok_index"], batch["tok_mask"])
+    return sum(size for ptr, size in seen.items() if ptr not in params)  # weights are counted already
 
 
 def run_method(args, work: Path, method: str) -> dict:
@@ -235,6 +259,7 @@ def print_report(report: dict) -> None:
         account = results["ppo"]["memory_account"]
         print(f"\nPPO value model: {account['value_params']:,} parameters ({account['value_trainable']:,} trainable): "
               f"weights {account['value_weights_mib']:.0f} MiB + gradients {account['value_grads_mib']:.0f} MiB + "
-              f"AdamW state {account['value_adam_state_mib']:.0f} MiB = {account['value_total_mib']:.0f} MiB; "
+              f"AdamW state {account['value_adam_state_mib']:.0f} MiB + activations "
+              f"{account['value_activations_mib']:.0f} MiB = {account['value_total_mib']:.0f} MiB; "
               f"measured PPO − GRPO ({check['measure']}): {check['measured_extra_mib']:.0f} MiB "
               f"({100 * check['relative_error']:+.1f}%)")
