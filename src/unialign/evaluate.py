@@ -242,10 +242,10 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_to
         impl = "chunked" if chunked_head_is_exact(model) else "full"
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start : start + batch_size]
-            batch = pad_sequences([p + c for p, c in chunk], [len(p) for p, _ in chunk], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            values = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"], impl=impl)
-            totals, _ = sequence_logps(values, batch["target_mask"])
+            padded = pad_sequences([p + c for p, c in chunk], [len(p) for p, _ in chunk], pad_token_id)
+            mask = padded.target_mask.to(device)
+            values = token_logps(model, padded.input_ids.to(device), padded.attention_mask.to(device), mask, impl=impl)
+            totals, _ = sequence_logps(values, mask)
             out.extend(totals.tolist())
     return out
 

@@ -37,6 +37,8 @@ class MethodInputs:
         ref_logps: the same sums under the reference, or ``None`` when the method needs none.
         targets: per-slot explicit feedback in [0, 1] (binary labels or normalized scores).
         rewards: per-slot explicit rewards, unnormalized (reward models, judges, RAO, distill).
+        reward_targets: per-slot rewards already normalized into the loss's reward space (online
+            UNA's ``r̃_φ``; the rollout normalizes them, so losses use them as they are).
         prompt_logps / ref_prompt_logps: ``(B,)`` summed log-probs of the prompt tokens after the
             first one (RAO's prefix-consistency term, where that token ``t0`` is shared; ORPO's NLL).
         prompt_lengths: ``(B,)`` how many prompt tokens ``prompt_logps`` sums (prompt length − 1).
@@ -51,6 +53,7 @@ class MethodInputs:
     ref_logps: Tensor | None = None
     targets: Tensor | None = None
     rewards: Tensor | None = None
+    reward_targets: Tensor | None = None
     prompt_logps: Tensor | None = None
     ref_prompt_logps: Tensor | None = None
     prompt_lengths: Tensor | None = None

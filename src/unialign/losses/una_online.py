@@ -29,7 +29,7 @@ there and each completion's log-prob is pushed up when ``s_φ > 0.5`` and down w
 nothing ties the policy to ``π_ref`` across steps.
 
 The trainer puts ``log π_base`` in ``MethodInputs.ref_logps``, ``s_φ`` in ``targets`` and ``r̃_φ``
-in ``rewards``; every ``(B, K)`` slot is one sampled completion (K = ``num_generations``).
+in ``reward_targets``; every ``(B, K)`` slot is one sampled completion (K = ``num_generations``).
 """
 
 from __future__ import annotations
@@ -181,14 +181,14 @@ def una_online_losses(
 def una_online(inputs: MethodInputs, cfg) -> LossOutput:
     """Online UNA on ``(B, K)`` sampled completions, averaged over the real slots.
 
-    ``inputs.ref_logps`` holds ``log π_base``, ``inputs.targets`` holds ``s_φ`` and ``inputs.rewards``
-    holds ``r̃_φ`` (see the module docstring).
+    ``inputs.ref_logps`` holds ``log π_base``, ``inputs.targets`` holds ``s_φ`` and
+    ``inputs.reward_targets`` holds ``r̃_φ`` (see the module docstring).
     """
-    if inputs.targets is None or inputs.rewards is None:
-        raise ValueError("una_online needs score targets (inputs.targets) and reward targets (inputs.rewards)")
+    if inputs.targets is None or inputs.reward_targets is None:
+        raise ValueError("una_online needs score targets (inputs.targets) and reward targets (inputs.reward_targets)")
     logratios = inputs.logratios()
     dtype = inputs.policy_logps.dtype
-    scores, reward_targets = inputs.targets.to(dtype), inputs.rewards.to(dtype)
+    scores, reward_targets = inputs.targets.to(dtype), inputs.reward_targets.to(dtype)
     losses = una_online_losses(logratios, scores, reward_targets, cfg.beta, cfg.una_space, cfg.una_loss)
     mask = inputs.completion_mask
     implicit = (cfg.beta * logratios).detach()
