@@ -182,11 +182,12 @@ class UnialignConfig(TrainingArguments):
             "shapes): fuses norms, activations and rotary embeddings; the first step pays the compilation"
         },
     )
-    cpu_keep_freed_memory: bool = field(
-        default=True,
+    cpu_keep_freed_memory: bool | None = field(
+        default=None,
         metadata={
             "help": "on CPU, keep freed memory in the process for reuse (glibc malloc: no per-block mmap, no "
-            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its peak"
+            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its "
+            "peak. Process-wide: unset, it is on under the unialign command and off when unialign is imported"
         },
     )
     # --- reliability (docs/reliability.md)

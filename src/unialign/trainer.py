@@ -24,7 +24,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from unialign.allocator import keep_freed_memory
+from unialign.allocator import keep_freed_memory, process_is_owned
 from unialign.checkpoints import (
     data_fingerprint,
     is_complete,
@@ -102,7 +102,8 @@ class UnialignTrainer(Trainer):
             sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
             impl = "full" if sharded or not chunked_head_is_exact(self.model) else "chunked"
         self.logprob_impl = impl
-        if self.args.cpu_keep_freed_memory and self.accelerator.device.type == "cpu":
+        keep = self.args.cpu_keep_freed_memory
+        if (process_is_owned() if keep is None else keep) and self.accelerator.device.type == "cpu":
             keep_freed_memory()
         if self.args.compile_layers:
             compiled = compile_blocks(self.model)
