@@ -15,15 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-# Slot order per feedback format. Losses index slots by these positions.
-SLOTS: dict[str, tuple[str, ...]] = {
-    "pairwise": ("chosen", "rejected"),
-    "triple": ("reference", "chosen", "rejected"),
-    "binary": ("completion",),
-    "score": ("completion",),
-    "sft": ("completion",),
-    "listwise": (),  # variable number of completions, masked
-}
+from unialign.feedback import SLOTS  # noqa: F401  (slot order per format: losses index slots by it)
 
 
 @dataclass
