@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from unialign.feedback import rescale
+
 Prompt = str | list[dict]
 
 
@@ -27,8 +29,7 @@ class RewardSource(ABC):
         """Map rewards into [0, 1] with ``bounds``; raises ValueError for an unbounded source."""
         if self.bounds is None:
             raise ValueError(f"reward source {self.name!r} has no bounds; normalize with a shift and scale")
-        lo, hi = self.bounds
-        return [min(1.0, max(0.0, (r - lo) / (hi - lo))) for r in rewards]
+        return [min(1.0, max(0.0, rescale(r, self.bounds))) for r in rewards]
 
 
 def prompt_text(prompt: Prompt) -> str:
