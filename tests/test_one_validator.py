@@ -24,6 +24,7 @@ from unialign.data.errors import DataError
 from unialign.data.formats import FEEDBACK_FORMATS, columns_of, detect_format, validate_row
 from unialign.data.sources import read_rows
 from unialign.data.tokenize import tokenize_rows
+from unialign.evaluate import load_pairs, load_prompts
 from unialign.feedback import FORMATS, SLOTS, rescale
 from unialign.rewards.base import RewardSource
 
@@ -171,6 +172,22 @@ def test_loading_and_converting_accept_and_refuse_the_same_rows(fmt, row, outcom
 def test_loading_and_converting_detect_the_same_format(fmt, row):
     assert detect_format(columns_of([GOOD[fmt], row])) == fmt
     assert detect_source([GOOD[fmt], row]) == fmt
+
+
+@pytest.mark.parametrize("fmt,row,outcome", [c for c in CASES if c[0] in ("pairwise", "prompt")],
+                         ids=[i for i, c in zip(IDS, CASES) if c[0] in ("pairwise", "prompt")])
+def test_evaluation_reads_pairs_and_prompts_with_the_same_validator(fmt, row, outcome, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [GOOD[fmt], row]), encoding="utf-8")
+    read = load_pairs if fmt == "pairwise" else load_prompts
+    if outcome is None:
+        loaded = read(str(path))
+        expected = validate_row(row, fmt, 1, "d").prompt
+        assert (loaded[1]["prompt"] if fmt == "pairwise" else loaded[1]) == expected  # implicit prompts split
+        return
+    with pytest.raises(DataError) as err:
+        read(str(path))
+    assert str(err.value) == f"{path}, row 2, field {outcome[0]!r}: {outcome[1]}"
 
 
 def test_a_declared_range_normalizes_the_same_way_when_loading_and_converting():
