@@ -234,6 +234,16 @@ def test_every_list_of_formats_comes_from_the_one_table():
     assert BUNDLED_FORMATS == (*FORMATS, "prompts")
 
 
+def test_the_docs_table_lists_each_formats_columns():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text(encoding="utf-8")
+    table = doc.split("| format | required columns | optional columns |", 1)[1].split("\n\n", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for name, spec in FEEDBACK_FORMATS.items():
+        required, optional = rows[name].split("|")[2:4]
+        assert [f"`{c}`" in required for c in spec.required] == [True] * len(spec.required), name
+        assert [f"`{c}`" in optional for c in spec.optional] == [True] * len(spec.optional), name
+
+
 def test_no_module_writes_the_list_of_formats_again():
     """A tuple, list or set literal naming five or more formats outside feedback.py is a second copy."""
     src = Path(__file__).resolve().parent.parent / "src" / "unialign"
