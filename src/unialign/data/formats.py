@@ -185,24 +185,25 @@ def _preference(names: tuple[str, ...]) -> RowValidator:
     return check
 
 
-def _single(row, prompt, index, err, **feedback) -> Example:
+def _single(fmt, row, prompt, index, err, **feedback) -> Example:
     """Binary, score and SFT rows: one ``completion``."""
-    names = SLOTS["sft"]
+    names = SLOTS[fmt]
     texts = completion_texts(row, names, prompt, err)
     return Example(prompt, texts, index, ended=check_ended(row, names, err), names=names, **feedback)
 
 
 def _binary(row, prompt, index, err, score_range) -> Example:
-    return _single(row, prompt, index, err, labels=[check_label(row["label"], "label", err)])
+    return _single("binary", row, prompt, index, err, labels=[check_label(row["label"], "label", err)])
 
 
 def _score(row, prompt, index, err, score_range) -> Example:
     raw = check_number(row["score"], "score", err)
-    return _single(row, prompt, index, err, scores=[normalize_score(raw, score_range, "score", err)], rewards=[raw])
+    score = normalize_score(raw, score_range, "score", err)
+    return _single("score", row, prompt, index, err, scores=[score], rewards=[raw])
 
 
 def _sft(row, prompt, index, err, score_range) -> Example:
-    return _single(row, prompt, index, err)
+    return _single("sft", row, prompt, index, err)
 
 
 def _listwise(row, prompt, index, err, score_range) -> Example:
@@ -231,9 +232,10 @@ def _listwise(row, prompt, index, err, score_range) -> Example:
 
 def completion_texts(row: Row, names: tuple[str, ...], prompt: Any, err: ErrorFactory) -> list[Any]:
     """The checked completions ``row[name]`` for ``names``; a conversation needs a conversational prompt."""
-    texts = [check_text(row[name], name, err, role="completion") for name in names]
-    for name, text in zip(names, texts):
-        if isinstance(text, list) and not isinstance(prompt, list):
+    texts = []
+    for name in names:
+        texts.append(check_text(row[name], name, err, role="completion"))
+        if isinstance(texts[-1], list) and not isinstance(prompt, list):
             raise err("a conversational completion needs a conversational prompt (a list of messages)", name)
     return texts
 
