@@ -27,6 +27,7 @@ from unialign.data.formats import (
     Example,
     check_in_range,
     check_number,
+    check_object,
     check_text,
     columns_of,
     detect_format,
@@ -100,12 +101,6 @@ def _bounds(reward_range: Any) -> tuple[float, float]:
     return float(reward_range[0]), float(reward_range[1])
 
 
-def _row(row: Any, i: int) -> Row:
-    if not isinstance(row, dict):
-        raise DataError(f"a row must be an object with named fields, got {type(row).__name__}", row=i)
-    return row
-
-
 def _nested(item: dict, key: str, where: str, err, what: str) -> Any:
     """``item[key]`` of an object inside a column, named ``where.key`` in messages."""
     name = f"{where}.{key}"
@@ -165,7 +160,7 @@ def ultrafeedback_to_listwise(rows: list[Row], score_field: str = "auto") -> Con
                         f"got {score_field!r}")
     out, dropped = [], Counter()
     for i, row in enumerate(rows):
-        row, err = _row(row, i), row_errors(None, i)
+        row, err = check_object(row, i, None), row_errors(None, i)
         instruction = check_text(require(row, "instruction", err, "UltraFeedback"), "instruction", err, role="prompt")
         completions = require(row, "completions", err, "UltraFeedback")
         if not isinstance(completions, list):
@@ -196,7 +191,7 @@ def _pick_uf_field(rows: list[Row]) -> str:
 
 def helpsteer2_score(row: Row, i: int = 0) -> float:
     """HelpSteer2 score ``(0.65·helpfulness + 0.8·correctness + 0.45·coherence) / 7.6`` in [0, 1]."""
-    row, err = _row(row, i), row_errors(None, i)
+    row, err = check_object(row, i, None), row_errors(None, i)
     h, c, k = (check_in_range(check_number(require(row, a, err, "HelpSteer2"), a, err), (0.0, 4.0), a, err, hint="")
                for a in HELPSTEER2_ATTRIBUTES)
     return (0.65 * h + 0.8 * c + 0.45 * k) / 7.6
@@ -204,7 +199,7 @@ def helpsteer2_score(row: Row, i: int = 0) -> float:
 
 def _helpsteer2_texts(row: Row, i: int) -> tuple[Any, Any]:
     """A HelpSteer2 row's checked (prompt, response)."""
-    row, err = _row(row, i), row_errors(None, i)
+    row, err = check_object(row, i, None), row_errors(None, i)
     prompt = check_text(require(row, "prompt", err, "HelpSteer2"), "prompt", err, role="prompt")
     return prompt, check_text(require(row, "response", err, "HelpSteer2"), "response", err, role="completion")
 
@@ -403,7 +398,7 @@ def detect_source(rows: list[Row]) -> str:
     columns, else the feedback format :func:`unialign.data.formats.detect_format` finds, as training does."""
     if not rows:
         raise DataError("cannot detect the format of an empty data set; pass source=...")
-    columns = set(_row(rows[0], 0))
+    columns = set(check_object(rows[0], 0, None))
     if "instruction" in columns and "completions" in columns:
         return "ultrafeedback"
     if "response" in columns and "helpfulness" in columns:
@@ -453,9 +448,9 @@ def convert(rows: list[Row], to: str, source: str = "auto", **options: Any) -> C
     if unused:
         raise DataError(f"option {unused[0]!r} does not apply to converting {source} rows to {to}")
     if source == to:
-        reward_range = options.get("reward_range")
-        _examples(rows, to, _bounds(reward_range) if reward_range is not None else None)
-        return _finish(list(rows), source, to, Counter(), reward_range and _bounds(reward_range))
+        bounds = _bounds(options["reward_range"]) if options.get("reward_range") is not None else None
+        _examples(rows, to, bounds)  # validated as training validates them, then returned unchanged
+        return _finish(list(rows), source, to, Counter(), bounds)
     if source == "pairwise" and to in ("binary", "sft"):
         return (pairwise_to_binary if to == "binary" else pairwise_to_sft)(rows)
     if to == "prompt":

@@ -138,16 +138,22 @@ def validate_row(
     if spec is None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     err = row_errors(source, index)
-    if not isinstance(row, dict):
-        raise DataError(
-            f"a row must be an object with named fields, got {type(row).__name__}", source=source, row=index
-        )
+    row = check_object(row, index, source)
     if spec.split is not None and "prompt" not in row and any(c in row for c in spec.without_prompt):
         row = spec.split(row, index, source)
     for name in spec.required:
         require(row, name, err, fmt)
     prompt = check_text(row["prompt"], "prompt", err, role="prompt")
     return spec.check(row, prompt, index, err, score_range)
+
+
+def check_object(row: Any, index: int, source: str | None) -> Row:
+    """``row`` itself, which must be an object with named fields (a dict)."""
+    if not isinstance(row, dict):
+        raise DataError(
+            f"a row must be an object with named fields, got {type(row).__name__}", source=source, row=index
+        )
+    return row
 
 
 def require(row: Row, name: str, err: ErrorFactory, what: str) -> Any:
