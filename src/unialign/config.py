@@ -21,12 +21,14 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from unialign.feedback import FORMATS as FEEDBACK_FORMATS
 from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
 from unialign.losses.una import UNA_LOSSES
+from unialign.losses.una_online import NORMALIZATIONS, RATIO_BASES, SPACES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-FORMATS = ("auto", "pairwise", "binary", "score", "triple", "listwise", "prompt", "sft")
+FORMATS = ("auto", *FEEDBACK_FORMATS)
 
 # Fields whose values must be one of a fixed set: checked with a message naming the choices.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -36,9 +38,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logprob_impl": ("auto", "chunked", "full"),
     "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
     "on_nonfinite": ("stop", "skip"),
-    "una_space": ("score", "reward"),
-    "reward_normalization": ("none", "running", "range"),
-    "ratio_base": ("reference", "rollout"),
+    "una_space": SPACES,
+    "reward_normalization": NORMALIZATIONS,
+    "ratio_base": RATIO_BASES,
     "generation_backend": ("transformers", "vllm"),
     "orpo_nll_scope": ORPO_NLL_SCOPES,
 }

@@ -1,8 +1,8 @@
 """The contract between the trainer and every loss.
 
 A batch of ``B`` dataset rows becomes ``B`` prompts with ``K`` completion *slots* each. The slot
-layout is fixed per feedback format (see :data:`SLOTS`); listwise rows may fill fewer than ``K``
-slots, which ``completion_mask`` records. The trainer computes the log-probs a method declares it
+layout is fixed per feedback format (see :data:`unialign.feedback.SLOTS`); listwise rows may fill
+fewer than ``K`` slots, which ``completion_mask`` records. The trainer computes the log-probs a method declares it
 needs and hands them over in a :class:`MethodInputs`; a loss is a pure function of those tensors and
 returns a :class:`LossOutput`.
 """
@@ -14,16 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
-
-# Slot order per feedback format. Losses index slots by these positions.
-SLOTS: dict[str, tuple[str, ...]] = {
-    "pairwise": ("chosen", "rejected"),
-    "triple": ("reference", "chosen", "rejected"),
-    "binary": ("completion",),
-    "score": ("completion",),
-    "sft": ("completion",),
-    "listwise": (),  # variable number of completions, masked
-}
 
 
 @dataclass

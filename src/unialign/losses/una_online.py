@@ -39,6 +39,7 @@ import math
 import torch
 from torch import Tensor
 
+from unialign.feedback import rescale
 from unialign.losses.base import LossOutput, MethodInputs, masked_mean
 from unialign.losses.registry import Method, register
 from unialign.losses.una import una_reward_loss, una_score_loss
@@ -138,10 +139,10 @@ def explicit_targets(
             raise ValueError(
                 "reward_normalization 'range' needs reward_range: [low, high] or a reward source with known bounds"
             )
-        low, high = float(bounds[0]), float(bounds[1])
-        if not low < high:
-            raise ValueError(f"reward_range must be [low, high] with low < high, got {list(bounds)}")
-        scores = ((rewards - low) / (high - low)).clamp(0.0, 1.0)
+        try:
+            scores = rescale(rewards, bounds).clamp(0.0, 1.0)
+        except ValueError as err:
+            raise ValueError(f"reward_range: {err}") from None
         return scores, scores
     raise ValueError(f"reward_normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
 
