@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from unialign import jsonfile
 from unialign.data.tokenize import TokenizedExample
@@ -311,8 +313,6 @@ def save_ref_logps(path: Path, splits: dict[str, Sequence[TokenizedExample]], re
     are ``ref_logps[offsets[i]:offsets[i+1]]``), and ``s.ref_prompt_logps`` / ``s.ref_kl_logps`` when the
     method has them. The metadata records each split's row count and :func:`data_fingerprint`.
     """
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"reference": reference}
     for name, examples in splits.items():
@@ -341,8 +341,6 @@ def load_ref_logps(
     ``ValueError`` naming the file when it was written for other data, another reference model or a method
     that computed other terms.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Deferred imports: unialign torch (each command loads only what it runs: `unialign methods` or a
+# mistyped option must answer without waiting seconds for torch and transformers).
 import argparse
 import logging
 import os

@@ -21,11 +21,15 @@ import torch
 
 from unialign import jsonfile
 from unialign.data.collate import pad_sequences
-from unialign.data.formats import ENDED_SUFFIX
+from unialign.data.errors import DataError
+from unialign.data.formats import ENDED_SUFFIX, validate_row
+from unialign.data.sources import read_rows
 from unialign.data.tokenize import encode_completions, encode_prompt
 from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
+from unialign.models import load_model, load_tokenizer
 from unialign.rewards.base import RewardSource
+from unialign.rewards.sources import load_reward
 
 logger = logging.getLogger(__name__)
 
@@ -410,8 +414,6 @@ def read_source_rows(source) -> list[dict[str, Any]]:
     Evaluation reads held-out rows: ``bundled:<format>`` means ``bundled:<format>:test``, and hub
     datasets and ``DatasetDict``s give their ``test`` split.
     """
-    from unialign.data.sources import read_rows
-
     return read_rows(source, split="test")
 
 
@@ -423,8 +425,6 @@ def load_prompts(source: str, limit: int | None = None) -> list:
     Raises:
         DataError: when ``source`` has no rows, or a row has no valid ``prompt`` (naming row and field).
     """
-    from unialign.data.errors import DataError
-    from unialign.data.formats import validate_row
 
     rows = read_source_rows(source)
     if not rows:
@@ -442,8 +442,6 @@ def load_pairs(source: str, limit: int | None = None) -> list[dict[str, Any]]:
     Raises:
         DataError: naming the row and field of the first row that is not a valid pair.
     """
-    from unialign.data.formats import validate_row
-
     rows = read_source_rows(source)
     pairs = []
     for i, row in enumerate(rows):
@@ -488,8 +486,6 @@ def evaluate_paths(
 
     Settings, prompts and pairs are checked before any model loads.
     """
-    from unialign.models import load_model, load_tokenizer
-    from unialign.rewards.sources import load_reward
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1; got {limit}")
