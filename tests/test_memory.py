@@ -163,7 +163,7 @@ def test_qlora_refusal_names_the_backend_problem(tiny_model_dir, data_file, tmp_
     assert str(err.value) == (
         "config key 'load_in_4bit' needs a CUDA GPU: bitsandbytes' CPU backend could not run a 4-bit matmul with "
         "its backward on this machine (NotImplementedError: no CPU kernel for 4-bit matmul); install "
-        "bitsandbytes>=0.46 or train on a GPU"
+        "bitsandbytes>=0.50 (its CPU backend is tested) or train on a GPU"
     )
     assert not (tmp_path / "run" / "model").exists()
 

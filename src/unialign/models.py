@@ -211,7 +211,7 @@ def check_four_bit_backend() -> None:
     """Refuse 4-bit loading where bitsandbytes is missing or cannot compute here, with the reason.
 
     Without CUDA, a tiny 4-bit matmul with its backward is tried first: bitsandbytes' CPU backend
-    (0.46 and later) runs it; older installs fail there, not in the middle of the first training step.
+    (0.50, tested) runs it; an install that cannot fails there, not in the middle of the first training step.
     """
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
@@ -225,7 +225,7 @@ def check_four_bit_backend() -> None:
         raise ConfigError(
             "load_in_4bit",
             "needs a CUDA GPU: bitsandbytes' CPU backend could not run a 4-bit matmul with its backward on this "
-            f"machine ({type(err).__name__}: {err}); install bitsandbytes>=0.46 or train on a GPU",
+            f"machine ({type(err).__name__}: {err}); install bitsandbytes>=0.50 (its CPU backend is tested) or train on a GPU",
         ) from err
 
 
