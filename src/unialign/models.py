@@ -225,7 +225,8 @@ def check_four_bit_backend() -> None:
         raise ConfigError(
             "load_in_4bit",
             "needs a CUDA GPU: bitsandbytes' CPU backend could not run a 4-bit matmul with its backward on this "
-            f"machine ({type(err).__name__}: {err}); install bitsandbytes>=0.50 (its CPU backend is tested) or train on a GPU",
+            f"machine ({type(err).__name__}: {err}); install bitsandbytes>=0.50 (its CPU backend is tested) or "
+            "train on a GPU",
         ) from err
 
 
