@@ -119,6 +119,18 @@ def test_gradient_checkpointing_changes_no_loss_and_no_gradient(tiny_model_dir, 
         assert (ckpt_grads[key] - grad).abs().max().item() <= TOLERANCE * max(1.0, grad.abs().max().item()), key
 
 
+def test_memory_settings_may_change_on_resume_but_4bit_loading_may_not():
+    from unialign.checkpoints import resume_differences, training_settings
+
+    before = load_config(None, {"output_dir": "x", "report_to": "none", "use_peft": True})
+    after = load_config(None, {"output_dir": "x", "report_to": "none", "use_peft": True, "gradient_checkpointing": True,
+                               "attn_implementation": "eager"})
+    marker = {"settings": training_settings(before)}
+    assert resume_differences(marker, after, None) == []
+    quantized = load_config(None, {"output_dir": "x", "report_to": "none", "use_peft": True, "load_in_4bit": True})
+    assert resume_differences(marker, quantized, None) == ["load_in_4bit False → True"]
+
+
 # ----------------------------------------------------------------------------- QLoRA
 
 
