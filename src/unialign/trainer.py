@@ -355,6 +355,8 @@ class UnialignTrainer(Trainer):
         if not getattr(self.args, "prefix_sharing", False) or self.method.model_kind != "causal_lm":
             return False
         inner = unwrap(model)
+        # what transformers resolved at load (attn_implementation may be unset, or the model passed in built):
+        # the config's private field is the only record of the kernel that will run
         attention = getattr(inner.config, "_attn_implementation", None)
         problem = None
         if attention not in PACKED_ATTENTION:
