@@ -294,3 +294,15 @@ def test_qlora_gradients_equal_those_of_the_dequantized_float_model(qlora_model_
         # measured: exactly equal (bitsandbytes dequantizes and runs the same float32 matmul); 1e-4 leaves room for
         # other CPU kernels
         assert (four_bit[name] - grad).abs().max().item() <= 1e-4 * max(1.0, grad.abs().max().item()), name
+
+
+def test_qlora_with_a_separate_reference_loads_it_in_4bit_too(qlora_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA's CPU test needs bitsandbytes (make setup installs it)")
+    import bitsandbytes as bnb
+
+    cfg = load_config(None, tiny_dpo_config(qlora_model_dir, "unused", tmp_path, use_peft=True, load_in_4bit=True,
+                                            ref_model_name_or_path=qlora_model_dir))
+    policy, reference = build_models(cfg, get_method("dpo"))
+    assert reference is not None and not hasattr(reference, "disable_adapter")
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in reference.modules()) == 14
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in unwrap(policy).modules()) == 14
