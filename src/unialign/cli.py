@@ -8,6 +8,8 @@ import os
 import sys
 import traceback
 
+from unialign.allocator import own_process
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``unialign`` console script."""
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    own_process()
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -21,16 +21,18 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from unialign.feedback import FORMATS as FEEDBACK_FORMATS
 from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
 from unialign.losses.una import UNA_LOSSES
+from unialign.losses.una_online import NORMALIZATIONS, RATIO_BASES, SPACES
 
 # Written here (not imported from models.py, which imports this module's ConfigError).
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 FOUR_BIT_QUANT_TYPES = ("nf4", "fp4")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-FORMATS = ("auto", "pairwise", "binary", "score", "triple", "listwise", "prompt", "sft")
+FORMATS = ("auto", *FEEDBACK_FORMATS)
 
 # Fields whose values must be one of a fixed set: checked with a message naming the choices.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -40,9 +42,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logprob_impl": ("auto", "chunked", "full"),
     "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
     "on_nonfinite": ("stop", "skip"),
-    "una_space": ("score", "reward"),
-    "reward_normalization": ("none", "running", "range"),
-    "ratio_base": ("reference", "rollout"),
+    "una_space": SPACES,
+    "reward_normalization": NORMALIZATIONS,
+    "ratio_base": RATIO_BASES,
     "generation_backend": ("transformers", "vllm"),
     "orpo_nll_scope": ORPO_NLL_SCOPES,
     "bnb_4bit_quant_type": FOUR_BIT_QUANT_TYPES,
@@ -207,11 +209,12 @@ class UnialignConfig(TrainingArguments):
             "shapes): fuses norms, activations and rotary embeddings; the first step pays the compilation"
         },
     )
-    cpu_keep_freed_memory: bool = field(
-        default=True,
+    cpu_keep_freed_memory: bool | None = field(
+        default=None,
         metadata={
             "help": "on CPU, keep freed memory in the process for reuse (glibc malloc: no per-block mmap, no "
-            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its peak"
+            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its "
+            "peak. Process-wide: unset, it is on under the unialign command and off when unialign is imported"
         },
     )
     # --- reliability (docs/reliability.md)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unialign.data.collate import pad_sequences
+from unialign.data.collate import Batch, pad_sequences
 from unialign.data.errors import DataError, PromptTooLong
 from unialign.data.formats import detect_format, validate_row
 from unialign.data.sources import read_rows, resolve_source
@@ -138,27 +138,27 @@ def collate_prompt_indices(indices: list[int]) -> dict[str, Tensor]:
 class Rollout:
     """Sampled completions of one micro-batch of prompts, scored and laid out for the loss.
 
-    ``batch`` holds ``input_ids``, ``attention_mask``, ``target_mask``, ``slot_seq`` ``(B, K)``, and the
-    ``(B, K)`` tensors ``ref_logps`` (the ratio's base), ``scores`` (``s_φ``) and ``rewards`` (``r̃_φ``).
+    ``batch`` holds the sequences with ``slot_seq`` ``(B, K)``, and the ``(B, K)`` tensors ``ref_logps``
+    (the ratio's base), ``scores`` (``s_φ``), ``rewards`` (the raw rewards) and ``reward_targets`` (``r̃_φ``).
     ``metrics`` are logged once per rollout; ``passes`` counts the optimizer passes made over it.
     """
 
     key: tuple[int, ...]
-    batch: dict[str, Tensor]
+    batch: Batch
     metrics: dict[str, Tensor] = field(default_factory=dict)
     passes: int = 0
 
 
 def rollout_sequences(
     prompt_ids: list[list[int]], completions: list[list[list[int]]], pad_token_id: int
-) -> dict[str, Tensor]:
+) -> Batch:
     """Pad ``prompt + completion`` for every sample; sample ``j`` of prompt ``i`` is sequence ``i·K + j``.
 
     Args:
         prompt_ids: ``B`` prompts as token ids.
         completions: for each prompt, its ``K`` completions as token ids (EOS included when sampled).
     Returns:
-        ``input_ids``, ``attention_mask``, ``target_mask`` (completion tokens) and ``slot_seq`` ``(B, K)``.
+        The padded sequences with ``slot_seq`` ``(B, K)``; no feedback yet.
     """
     k = len(completions[0])
     if any(len(c) != k for c in completions):
@@ -168,6 +168,5 @@ def rollout_sequences(
         for sample in samples:
             sequences.append(ids + sample)
             lengths.append(len(ids))
-    batch = pad_sequences(sequences, lengths, pad_token_id)
-    batch["slot_seq"] = torch.arange(len(sequences)).view(len(prompt_ids), k)
-    return batch
+    slot_seq = torch.arange(len(sequences)).view(len(prompt_ids), k)
+    return Batch.of(pad_sequences(sequences, lengths, pad_token_id), slot_seq)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from unialign.data.collate import Batch
 from unialign.generation import Generation, GenerationConfig, check_backend, completion_ids, generate_from_ids
 from unialign.losses.base import masked_mean
 from unialign.losses.registry import get_method
@@ -171,23 +172,24 @@ class OnlineUnaTrainer(UnialignTrainer):
             tokenizer.pad_token_id,
         )
         batch = self._prepare_inputs(sequences)
-        slot_seq = batch["slot_seq"]
-        ref = gather_slots(self.reference_logps(batch)["seq"], slot_seq)
+        slot_seq = batch.slot_seq
+        ref = gather_slots(self.reference_logps(batch).seq, slot_seq)
         rollout_logps = None
         if cfg.ratio_base == "rollout":
             was_training = model.training
             model.eval()
             try:
-                rollout_logps = gather_slots(self._logps(model, batch)["seq"], slot_seq)
+                rollout_logps = gather_slots(self._logps(model, batch).seq, slot_seq)
             finally:
                 model.train(was_training)
-        batch["ref_logps"] = ratio_base_logps(cfg.ratio_base, ref, rollout_logps)
+        batch.ref_logps = ratio_base_logps(cfg.ratio_base, ref, rollout_logps)
         device = slot_seq.device
-        batch["scores"] = scores.view(len(records), k).to(device)
-        batch["rewards"] = reward_targets.view(len(records), k).to(device)
+        batch.scores = scores.view(len(records), k).to(device)
+        batch.rewards = raw.view(len(records), k).to(device)
+        batch.reward_targets = reward_targets.view(len(records), k).to(device)
         self._timers["reference"] += time.perf_counter() - start
 
-        lengths = batch["target_mask"].sum(-1).float()
+        lengths = batch.target_mask.sum(-1).float()
         metrics = {
             "reward": raw.mean(),
             "reward_std": raw.std() if raw.numel() > 1 else torch.zeros(()),
@@ -201,7 +203,7 @@ class OnlineUnaTrainer(UnialignTrainer):
         return Rollout(tuple(indices), batch, metrics)
 
     # ----------------------------------------------------------------- loss
-    def method_inputs(self, model, batch: dict):
+    def method_inputs(self, model, batch: Batch):
         """The offline trainer's inputs; on a rollout's first pass (reference base) also the KL estimate."""
         inputs = super().method_inputs(model, batch)
         if model.training and self._first_pass and self.args.ratio_base == "reference":
