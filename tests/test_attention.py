@@ -10,6 +10,7 @@ the plain layout.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
@@ -46,7 +47,7 @@ def test_eager_and_sdpa_agree(tiny_model_dir, tmp_path):
     for implementation in ("eager", "sdpa"):
         model = load_model(tiny_model_dir, attn_implementation=implementation)
         with torch.no_grad():
-            values.append(_trainer(model, tmp_path, prefix_sharing=True)._logps(model, dict(batch))["seq"])
+            values.append(_trainer(model, tmp_path, prefix_sharing=True)._logps(model, dataclasses.replace(batch)).seq)
     torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=1e-5)
 
 
@@ -55,20 +56,20 @@ def test_flex_attention_uses_the_plain_layout_and_says_why(tiny_model_dir, tmp_p
     eager = load_model(tiny_model_dir, attn_implementation="eager")
     flex = load_model(tiny_model_dir, attn_implementation="eager")
     flex.config._attn_implementation = "flex_attention"  # what from_pretrained sets; loading it is refused on CPU
-    batch = PreferenceCollator(0, 2, prefix_sharing=True)(_examples(2))
+    batch = PreferenceCollator(0, 2)(_examples(2))
     trainer = _trainer(flex, tmp_path, prefix_sharing=True)
     monkeypatch.setattr(trainer, "_packed_logps", lambda *a: pytest.fail("packed layout used under flex_attention"))
     with caplog.at_level(logging.WARNING, logger="unialign.trainer"), torch.no_grad():
-        out = trainer._logps(flex, dict(batch))
-        trainer._logps(flex, dict(batch))
-        expected = _trainer(eager, tmp_path)._logps(eager, {k: v for k, v in batch.items() if k != "packed"})
+        out = trainer._logps(flex, dataclasses.replace(batch))
+        trainer._logps(flex, dataclasses.replace(batch))
+        expected = _trainer(eager, tmp_path)._logps(eager, dataclasses.replace(batch))
     warnings = [r.getMessage() for r in caplog.records if "prefix_sharing is off" in r.getMessage()]
     assert warnings == [
         "prefix_sharing is off for this model: attn_implementation flex_attention: transformers turns a dense 4D "
         "mask into a FlexAttention score_mod over the whole mask; on CPU torch's kernel crashed on it (segfault), "
         "so it is not used (sdpa and eager are supported); each completion gets its own prompt"
     ]  # once per trainer, not once per batch
-    torch.testing.assert_close(out["seq"], expected["seq"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.seq, expected.seq, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_attention_switches_prefix_sharing_off_with_the_reason(tiny_model_dir, tmp_path, caplog):

@@ -11,6 +11,7 @@ weights and the real tokenizer, from the config that ``prepare`` copies into ``b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -310,8 +311,8 @@ def check_prefix_sharing(setup: Setup) -> Check:
         cfg = config_for(setup, loss_type)
         method = get_method(loss_type).for_config(cfg)
         examples = examples_for(setup, cfg, method, setup.batch)
-        batch = PreferenceCollator(0, max_completions(examples), with_prompt_logps=method.needs_prompt_logps)(examples)
-        batch = {k: v.to(setup.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        collate = PreferenceCollator(0, max_completions(examples), with_prompt_logps=method.needs_prompt_logps)
+        batch = collate(examples).to(setup.device)
         for dtype in ("float32", "bfloat16"):
             model = load_model(setup.model_dir, dtype=dtype, attn_implementation="sdpa").to(setup.device)
             results = {}
@@ -320,13 +321,13 @@ def check_prefix_sharing(setup: Setup) -> Check:
                 trainer = UnialignTrainer(model=model, args=cfg, method=method)
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                out = trainer._logps(model, dict(batch))
-                out["seq"].float().sum().backward()
+                out = trainer._logps(model, dataclasses.replace(batch))  # a copy: the packed layout is kept on it
+                out.seq.float().sum().backward()
                 if setup.device == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
                 grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-                results[packed] = (out["seq"].detach().float(), grads, elapsed, trainer._shares_prefix(model))
+                results[packed] = (out.seq.detach().float(), grads, elapsed, trainer._shares_prefix(model))
             (plain, g_plain, t_plain, _), (fast, g_fast, t_fast, shared) = results[False], results[True]
             seq_gap = (fast - plain).abs().max().item()
             grad_gap = max((g_fast[n] - g).abs().max().item() / max(1.0, g.abs().max().item())
@@ -382,8 +383,7 @@ def check_attention(setup: Setup) -> Check:
     cfg = config_for(setup, "dpo", prefix_sharing=False)
     method = get_method("dpo")
     examples = examples_for(setup, cfg, method, setup.batch)
-    batch = PreferenceCollator(0, max_completions(examples))(examples)
-    batch = {k: v.to(setup.device) for k, v in batch.items()}
+    batch = PreferenceCollator(0, max_completions(examples))(examples).to(setup.device)
     values: dict[str, Any] = {}
     ok = True
     reference = None
@@ -398,7 +398,7 @@ def check_attention(setup: Setup) -> Check:
             ok = ok and expected
             continue
         trainer = UnialignTrainer(model=model, args=cfg, method=method)
-        out = trainer._logps(model, dict(batch))["seq"]
+        out = trainer._logps(model, dataclasses.replace(batch)).seq
         out.sum().backward()  # flex_attention's backward runs only on CUDA
         if setup.device == "cuda":
             torch.cuda.synchronize()
