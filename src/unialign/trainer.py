@@ -43,8 +43,16 @@ from unialign.rundir import storage_errors
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that honour a custom 4D mask (transformers' masking_utils passes it through).
+# Attention implementations that honour a custom 4D mask (transformers' masking_utils passes it through);
+# packed log-probs and gradients equal the plain layout's with both (tests/test_attention.py).
 PACKED_ATTENTION = ("sdpa", "eager")
+# Why prefix sharing is switched off under the others (the plain layout is used instead).
+UNPACKED_ATTENTION = {
+    "flash_attention_2": "flash-attn kernels take no custom 4D mask (only padding or position ids), so the block "
+    "mask would be ignored",
+    "flex_attention": "transformers turns a dense 4D mask into a FlexAttention score_mod over the whole mask; on "
+    "CPU torch's kernel crashed on it (segfault), so it is not used",
+}
 
 
 @dataclass
@@ -366,10 +374,13 @@ class UnialignTrainer(Trainer):
         if not getattr(self.args, "prefix_sharing", False) or self.method.model_kind != "causal_lm":
             return False
         inner = unwrap(model)
+        # what transformers resolved at load (attn_implementation may be unset, or the model passed in built):
+        # the config's private field is the only record of the kernel that will run
         attention = getattr(inner.config, "_attn_implementation", None)
         problem = None
         if attention not in PACKED_ATTENTION:
-            problem = f"{attention} attention does not take a custom 4D mask (sdpa and eager do)"
+            reason = UNPACKED_ATTENTION.get(attention, "it does not take a custom 4D mask")
+            problem = f"attn_implementation {attention}: {reason} (sdpa and eager are supported)"
         elif getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
             problem = "the model uses sliding-window attention, which a custom 4D mask would replace"
         elif "position_ids" not in inspect.signature(inner.forward).parameters:
