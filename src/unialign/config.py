@@ -10,6 +10,7 @@ defaults for (``beta``, ``learning_rate``, ...) stay ``None`` until the method f
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -530,7 +531,6 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _close_matches(key: str, known: dict[str, Any]) -> str:
-    import difflib
 
     matches = difflib.get_close_matches(key, list(known), n=3)
     return f"; did you mean {', '.join(matches)}?" if matches else "; `unialign train --help` lists the keys"

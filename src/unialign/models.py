@@ -8,6 +8,7 @@ folder under the cache (``$UNIALIGN_CACHE``, default ``~/.cache/unialign``); lat
 
 from __future__ import annotations
 
+# Deferred imports: bitsandbytes peft (an optional extra, and seconds to import: loaded for QLoRA/LoRA only).
 import importlib.util
 import logging
 import os
@@ -21,12 +22,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from unialign.config import ATTENTION_IMPLEMENTATIONS, ConfigError
+from unialign.logprobs import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +200,6 @@ def check_attention(attn_implementation: str) -> None:
 def four_bit_config(quant_type: str = "nf4", compute_dtype: str = "bfloat16", double_quant: bool = False):
     """transformers' ``BitsAndBytesConfig`` for 4-bit weights (QLoRA: Dettmers et al. 2023, "QLoRA:
     Efficient Finetuning of Quantized LLMs", arXiv:2305.14314)."""
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -335,8 +336,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def repeated_blocks(model) -> list:
     """The modules whose class ``model`` lists in ``_no_split_modules`` (its decoder layers), inside any
     DDP or PEFT wrapper; empty when the model names none."""
-    from unialign.logprobs import unwrap
-
     inner = unwrap(model)
     block_classes = set(getattr(inner, "_no_split_modules", None) or ())
     return [module for module in inner.modules() if type(module).__name__ in block_classes]
@@ -354,8 +353,6 @@ def compile_blocks(model, dynamic: bool = True) -> int:
     """
     blocks = repeated_blocks(model)
     if not blocks:
-        from unialign.logprobs import unwrap
-
         raise ValueError(
             f"compile_layers: {type(unwrap(model)).__name__} names no repeated block class (_no_split_modules), so "
             "there is nothing to compile block by block; set compile_layers: false"
