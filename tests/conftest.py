@@ -38,11 +38,13 @@ def tokenizer(tmp_path_factory):
 
 
 def save_tiny_llama(folder, tokenizer, **config_extra) -> str:
-    """Save a 2-layer random Llama over the tokenizer's vocabulary (seed 0) with the tokenizer into ``folder``."""
+    """Save a 2-layer random Llama over the tokenizer's vocabulary (seed 0) with the tokenizer into ``folder``.
+
+    ``config_extra`` adds or replaces ``LlamaConfig`` keys (sizes included)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    sizes = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -54,8 +56,8 @@ def save_tiny_llama(folder, tokenizer, **config_extra) -> str:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **config_extra,
     )
+    config = LlamaConfig(**{**sizes, **config_extra})
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)

@@ -1,8 +1,10 @@
-"""The package's import graph: no cycles, counting imports inside functions too (ARCHITECTURE.md's layers)."""
+"""The package's shape: no import cycle (imports in functions counted), no harness imported, no code written twice."""
 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -120,3 +122,52 @@ def test_the_package_imports_no_harness_and_no_harness_dependency():
                  for path in sorted((SRC / "unialign").rglob("*.py"))
                  for line, name in absolute_imports(path) if name in FORBIDDEN]
     assert offenders == [], "the library must not import the harnesses or their dependencies: " + "; ".join(offenders)
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, whitespace-folded text) of the lines that carry code: no blank, comment, import or
+    lone-punctuation lines (the same rules as the repository's `duplicates` tool, identical runs only)."""
+    source = path.read_text(encoding="utf-8")
+    comment_at = {
+        token.start[0]: token.start[1]
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    kept = []
+    for number, raw in enumerate(source.splitlines(), start=1):
+        line = " ".join(raw[: comment_at.get(number, len(raw))].split())
+        if not line or line.startswith(("import ", "from ")) or not any(c.isalnum() for c in line):
+            continue
+        kept.append((number, line))
+    return kept
+
+
+def repeated_runs(files: list[Path], run: int = 6) -> list[tuple[str, str]]:
+    """Places where ``run`` consecutive code lines stand again, identically, elsewhere (or later in a file)."""
+    seen: dict[tuple[str, ...], tuple[Path, int, int]] = {}
+    found = []
+    for path in files:
+        lines = _code_lines(path)
+        for i in range(len(lines) - run + 1):
+            window = tuple(text for _, text in lines[i : i + run])
+            first, last = lines[i][0], lines[i + run - 1][0]
+            if window in seen:
+                other, other_first, other_last = seen[window]
+                if other != path or other_last < first:
+                    found.append((f"{other.name}:{other_first}-{other_last}", f"{path.name}:{first}-{last}"))
+                continue
+            seen[window] = (path, first, last)
+    return found
+
+
+def test_repeated_runs_finds_a_copied_block_and_nothing_else(tmp_path):
+    block = "\n".join(f"value_{i} = compute({i}, scale)" for i in range(6)) + "\n"
+    (tmp_path / "a.py").write_text("import os\n\ndef f(scale):\n" + block)
+    (tmp_path / "b.py").write_text("# a comment\ndef g(scale):\n" + block.replace("value_5", "other"))
+    assert repeated_runs([tmp_path / "a.py", tmp_path / "b.py"]) == []  # five lines alike is not a run of six
+    (tmp_path / "c.py").write_text("def h(scale):\n    pass\n" + block)
+    assert repeated_runs([tmp_path / "a.py", tmp_path / "c.py"]) == [("a.py:4-9", "c.py:3-8")]
+
+
+def test_the_package_writes_no_code_twice():
+    assert repeated_runs(sorted((SRC / "unialign").rglob("*.py"))) == []

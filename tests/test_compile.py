@@ -7,6 +7,8 @@ different lengths and both layouts (plain padded rows, packed rows with a 4D blo
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -40,12 +42,12 @@ def _batch(prompt_lengths: tuple[int, ...], prefix_sharing: bool) -> dict:
     rows = [
         TokenizedExample([1] + ids(n - 1), [ids(3 + n % 5), ids(6 + n % 3)], i) for i, n in enumerate(prompt_lengths)
     ]
-    return PreferenceCollator(0, 2, prefix_sharing=prefix_sharing)(rows)
+    return PreferenceCollator(0, 2)(rows)
 
 
 def _logps_and_grads(trainer, model, batch):
     model.zero_grad()
-    seq = trainer._logps(model, dict(batch))["seq"]
+    seq = trainer._logps(model, dataclasses.replace(batch)).seq
     (seq * torch.linspace(0.5, 1.5, seq.shape[0])).sum().backward()
     return seq.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -118,6 +120,7 @@ def test_lora_policy_and_adapter_disabled_reference_match_eager(tiny_model_dir, 
     for name, grad in want_grads.items():
         scale = grad.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(got_grads[name] / scale, grad / scale, atol=1e-5, rtol=0, msg=name)
-    reference = compiled_trainer.reference_logps(dict(batch))["seq"]
-    torch.testing.assert_close(reference, eager_trainer.reference_logps(dict(batch))["seq"], atol=1e-5, rtol=1e-5)
+    reference = compiled_trainer.reference_logps(dataclasses.replace(batch)).seq
+    expected = eager_trainer.reference_logps(dataclasses.replace(batch)).seq
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(reference, got)  # the adapters were really off for the reference

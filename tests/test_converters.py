@@ -8,7 +8,7 @@ import pytest
 
 from unialign.data.converters import (
     convert,
-    detect_format,
+    detect_source,
     helpsteer2_score,
     helpsteer2_to_pairwise,
     helpsteer2_to_score,
@@ -93,7 +93,7 @@ def test_ultrafeedback_bad_rows():
     with pytest.raises(DataError, match=r"row 1, field 'completions\[1\].fine-grained_score'.*number"):
         ultrafeedback_to_listwise([bad], score_field="fine-grained_score")
     bad["completions"][1]["fine-grained_score"] = 7.5
-    with pytest.raises(DataError, match="outside the declared range"):
+    with pytest.raises(DataError, match=r"outside the declared score range \[1.0, 5.0\]; got 7.5$"):
         ultrafeedback_to_listwise([bad], score_field="fine-grained_score")
     no_response = uf_row("Q", [1.0])
     del no_response["completions"][0]["response"]
@@ -137,7 +137,7 @@ def test_helpsteer2_to_pairwise_pairs_drops_and_groups():
 
 
 def test_helpsteer2_bad_attribute():
-    with pytest.raises(DataError, match=r"row 2, field 'correctness'.*outside the declared range"):
+    with pytest.raises(DataError, match=r"row 2, field 'correctness': is outside the declared score range \[0.0, 4"):
         helpsteer2_to_score([hs_row("p", "r", 1, 1, 1), hs_row("p", "r", 1, 5, 1)])
     row = hs_row("p", "r", 1, 1, 1)
     del row["coherence"]
@@ -187,8 +187,10 @@ def test_listwise_to_score_normalizes_with_declared_range():
                            for c, s in zip("abcd", [0.5, 1.0, 0.25, 0.75])]
     with pytest.raises(DataError, match=r"row 1, field 'rewards\[0\]'.*reward_range"):
         listwise_to_score(LISTWISE[:1])  # rewards above 1 need a declared range
-    with pytest.raises(DataError, match="outside the range"):
+    with pytest.raises(DataError, match=r"field 'rewards\[1\]': is outside the declared score range \[0.0, 3.5\]"):
         listwise_to_score(LISTWISE[:1], reward_range=(0.0, 3.5))
+    with pytest.raises(DataError, match="reward_range: a range must be"):
+        listwise_to_score(LISTWISE[:1], reward_range=(4.0, 0.0))
 
 
 def test_listwise_to_triple_order_ties_and_distinctness():
@@ -219,12 +221,12 @@ def test_listwise_to_sft_and_prompts():
 def test_listwise_bad_rows_name_row_and_field():
     cases = [
         ({"prompt": "p", "rewards": [1.0]}, "completions", "missing"),
-        ({"prompt": "p", "completions": ["a", "b"], "rewards": [1.0]}, "rewards", "2 completions but 1"),
+        ({"prompt": "p", "completions": ["a", "b"], "rewards": [1.0]}, "rewards", "got 1 values for 2 completions"),
         ({"prompt": "p", "completions": ["a"], "rewards": [math.nan]}, "rewards[0]", "finite"),
         ({"prompt": "p", "completions": ["a", "b"], "rewards": [1.0, math.inf]}, "rewards[1]", "finite"),
         ({"prompt": "p", "completions": ["a"], "rewards": ["high"]}, "rewards[0]", "number"),
         ({"prompt": 3, "completions": ["a"], "rewards": [1.0]}, "prompt", "string"),
-        ({"prompt": "p", "completions": [None], "rewards": [1.0]}, "completions[0]", "missing"),
+        ({"prompt": "p", "completions": [None], "rewards": [1.0]}, "completions[0]", "is null"),
     ]
     for bad, name, problem in cases:
         with pytest.raises(DataError) as err:
@@ -243,18 +245,20 @@ def test_conversation_fields_pass_through():
 
 # --------------------------------------------------------------------------------- entry point
 
-def test_detect_format():
-    assert detect_format([uf_row("q", [1.0])]) == "ultrafeedback"
-    assert detect_format([hs_row("p", "r", 1, 1, 1)]) == "helpsteer2"
-    assert detect_format(LISTWISE) == "listwise"
-    assert detect_format([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == "pairwise"
-    assert detect_format([{"prompt": "p", "reference": "r", "chosen": "a", "rejected": "b"}]) == "triple"
-    assert detect_format([{"prompt": "p", "completion": "a", "label": True}]) == "binary"
-    assert detect_format([{"prompt": "p", "completion": "a", "score": 0.5}]) == "score"
-    assert detect_format([{"prompt": "p", "completion": "a"}]) == "sft"
-    assert detect_format([{"prompt": "p"}]) == "prompt"
-    with pytest.raises(DataError, match="cannot detect"):
-        detect_format([{"text": "x"}])
+def test_detect_source():
+    assert detect_source([uf_row("q", [1.0])]) == "ultrafeedback"
+    assert detect_source([hs_row("p", "r", 1, 1, 1)]) == "helpsteer2"
+    assert detect_source(LISTWISE) == "listwise"
+    assert detect_source([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == "pairwise"
+    assert detect_source([{"prompt": "p", "reference": "r", "chosen": "a", "rejected": "b"}]) == "triple"
+    assert detect_source([{"prompt": "p", "completion": "a", "label": True}]) == "binary"
+    assert detect_source([{"prompt": "p", "completion": "a", "score": 0.5}]) == "score"
+    assert detect_source([{"prompt": "p", "completion": "a"}]) == "sft"
+    assert detect_source([{"prompt": "p"}]) == "prompt"
+    with pytest.raises(DataError, match="cannot tell the feedback format from the columns \\['text'\\]"):
+        detect_source([{"text": "x"}])
+    with pytest.raises(DataError, match="empty data set"):
+        detect_source([])
 
 
 def test_trl_formats_load_unchanged():
@@ -263,13 +267,14 @@ def test_trl_formats_load_unchanged():
         "binary": [{"prompt": "p", "completion": "a", "label": False}],
         "score": [{"prompt": "p", "completion": "a", "score": 0.25}],
         "triple": [{"prompt": "p", "reference": "r", "chosen": "a", "rejected": "b"}],
-        "sft": [{"prompt": "p", "completion": "a"}, {"messages": [{"role": "user", "content": "x"}]}],
+        "sft": [{"prompt": "p", "completion": "a"},
+                {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}],
         "prompt": [{"prompt": "p"}],
     }
     for fmt, rows in datasets.items():
         result = convert(rows, to=fmt)
         assert result.source == fmt and result.rows == rows and result.n_dropped == 0
-    with pytest.raises(DataError, match=r"row 1, field 'label'.*bool"):
+    with pytest.raises(DataError, match=r"row 1, field 'label': label must be true or false; got 'yes'"):
         convert([{"prompt": "p", "completion": "a", "label": "yes"}], to="binary")
 
 
@@ -323,7 +328,12 @@ def test_pairwise_converters_carry_the_flags_and_rows_without_them_gain_no_colum
     assert all("chosen_ended" not in r for r in listwise_to_pairwise([{**ENDED_ROWS[0], "completions_ended": None}]))
 
 
-@pytest.mark.parametrize("flags", [[True, False], "yes", [True, False, 1, True]])
-def test_a_malformed_completions_ended_is_an_error_naming_the_field(flags):
-    with pytest.raises(DataError, match="row 1, field 'completions_ended': expected a list of 4 true/false values"):
+@pytest.mark.parametrize("flags,field,problem", [
+    ([True, False], "completions_ended", "must be a list of 4 true/false values, one per completion"),
+    ("yes", "completions_ended", "must be a list of 4 true/false values, one per completion"),
+    ([True, False, 1, True], "completions_ended[2]", "must be true or false; got 1"),
+])
+def test_a_malformed_completions_ended_is_an_error_naming_the_field(flags, field, problem):
+    with pytest.raises(DataError) as err:
         listwise_to_pairwise([{**ENDED_ROWS[0], "completions_ended": flags}])
+    assert str(err.value) == f"row 1, field {field!r}: {problem}"

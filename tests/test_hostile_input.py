@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 import unialign
 from unialign.config import load_config
 from unialign.data.errors import DataError, DuplicateKey
-from unialign.data.formats import FORMAT_COLUMNS, ROLES, Example, detect_format, validate_row
+from unialign.data.formats import FORMAT_COLUMNS, ROLES, Example, columns_of, detect_format, validate_row
 from unialign.data.sources import read_rows
 from unialign.data.tokenize import tokenize_rows
 from unialign.losses.registry import get_method
-from unialign.pipeline import _columns, check_shared_first_token, prepare_data
+from unialign.pipeline import check_shared_first_token, prepare_data
 
 BAD = Path(__file__).parent / "data" / "bad"
 MAX_LENGTH = 64
@@ -35,7 +35,7 @@ def load(name: str, tokenizer, on_bad_row: str = "error", fmt: str | None = None
     source = str(BAD / name)
     rows = read_rows(source)
     if not fmt:  # prepare_data stops at an empty file before detecting; tokenize_rows says the same
-        fmt = detect_format(_columns(rows), source) if rows else "prompt"
+        fmt = detect_format(columns_of(rows), source) if rows else "prompt"
     options = {"max_length": MAX_LENGTH, "max_prompt_length": None, **options}
     return tokenize_rows(rows, fmt, tokenizer, source=source, on_bad_row=on_bad_row, **options)
 

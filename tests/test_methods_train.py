@@ -143,7 +143,7 @@ def test_rao_prompt_term_matches_direct_prompt_logps(tiny_model_dir, tmp_path):
     batch = trainer.data_collator(examples)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
-        got = trainer._logps(model, batch)["prompt"]
+        got = trainer._logps(model, batch).prompt
         expected = []
         for e in examples:
             ids = torch.tensor([e.prompt_ids])

@@ -62,12 +62,12 @@ transformers.modeling_utils.safe_save_file = recording(transformers.modeling_uti
 reference_logps, compute_loss = UnialignTrainer.reference_logps, UnialignTrainer.compute_loss
 
 def record_reference(self, batch):
-    computed.extend(batch["row_index"].tolist())
+    computed.extend(batch.row_index.tolist())
     return reference_logps(self, batch)
 
 def record_batch(self, model, inputs, *args, **kwargs):
     if model.training:
-        batches.append({"rows": inputs["row_index"].tolist(), "ref_logps": inputs["ref_logps"].tolist()})
+        batches.append({"rows": inputs.row_index.tolist(), "ref_logps": inputs.ref_logps.tolist()})
     return compute_loss(self, model, inputs, *args, **kwargs)
 
 UnialignTrainer.reference_logps, UnialignTrainer.compute_loss = record_reference, record_batch

@@ -51,7 +51,7 @@ def bad_step(monkeypatch):
 
         def record(self, model, inputs, *args, **kwargs):
             if calls["n"] == 1:  # this call will be the 2nd
-                seen_rows.extend(inputs["row_index"].tolist())
+                seen_rows.extend(inputs.row_index.tolist())
             return compute_loss(self, model, inputs, *args, **kwargs)
 
         monkeypatch.setattr(UnialignTrainer, "compute_loss", record)

@@ -187,9 +187,9 @@ def test_completion_ids_keep_the_sampled_stop_token():
 
 def test_rollout_sequences_layout():
     batch = rollout_sequences([[1, 2], [3]], [[[7], [8, 9]], [[4, 2], [5]]], pad_token_id=0)
-    assert batch["slot_seq"].tolist() == [[0, 1], [2, 3]]
-    assert batch["input_ids"].tolist() == [[1, 2, 7, 0], [1, 2, 8, 9], [3, 4, 2, 0], [3, 5, 0, 0]]
-    assert batch["target_mask"].tolist() == [
+    assert batch.slot_seq.tolist() == [[0, 1], [2, 3]]
+    assert batch.input_ids.tolist() == [[1, 2, 7, 0], [1, 2, 8, 9], [3, 4, 2, 0], [3, 5, 0, 0]]
+    assert batch.target_mask.tolist() == [
         [False, False, True, False],
         [False, False, True, True],
         [False, True, True, False],

@@ -116,7 +116,7 @@ def test_una_online_loss_averages_real_slots_and_logs():
         completion_mask=torch.tensor([[True, True]]),
         ref_logps=torch.tensor([[-3.0, -2.0]]),  # log-ratios 2 and 0
         targets=torch.tensor([[1.0, 0.0]]),
-        rewards=torch.tensor([[0.0, 1.0]]),
+        reward_targets=torch.tensor([[0.0, 1.0]]),
     )
     cfg = SimpleNamespace(beta=0.5, una_space="score", una_loss="mse")
     out = una_online(inputs, cfg)
@@ -134,7 +134,7 @@ def test_rollout_base_gives_half_score_on_the_first_pass():
     inputs = MethodInputs(
         policy_logps=logps, lengths=torch.ones(1, 2), completion_mask=torch.ones(1, 2, dtype=torch.bool),
         ref_logps=ratio_base_logps("rollout", torch.tensor([[-9.0, -9.0]]), logps.clone()),
-        targets=torch.tensor([[0.8, 0.1]]), rewards=torch.zeros(1, 2),
+        targets=torch.tensor([[0.8, 0.1]]), reward_targets=torch.zeros(1, 2),
     )
     out = una_online(inputs, SimpleNamespace(beta=0.1, una_space="score", una_loss="mse"))
     assert out.loss.item() == pytest.approx((0.3**2 + 0.4**2) / 2)

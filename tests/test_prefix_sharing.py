@@ -8,6 +8,7 @@ with K = 2, 3 and 4 completions of different lengths under prompts of different 
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -60,15 +61,15 @@ def _trainer(model, tmp_path, *, loss_type="dpo", prefix_sharing=False, impl="ch
 
 def _run(trainer, model, batch):
     model.zero_grad()
-    out = trainer._logps(model, dict(batch))
-    weights = torch.linspace(0.5, 1.5, out["seq"].shape[0])
-    total = (out["seq"] * weights).sum()
-    for key in ("prompt", "kl"):
-        if key in out:
-            total = total + 0.3 * out[key].sum()
+    out = trainer._logps(model, dataclasses.replace(batch))
+    weights = torch.linspace(0.5, 1.5, out.seq.shape[0])
+    total = (out.seq * weights).sum()
+    for extra in (out.prompt, out.kl):
+        if extra is not None:
+            total = total + 0.3 * extra.sum()
     total.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return {k: v.detach() for k, v in out.items()}, grads
+    return {k: v.detach() for k, v in vars(out).items() if v is not None}, grads
 
 
 @pytest.mark.parametrize(
@@ -94,41 +95,43 @@ def test_packed_logps_and_gradients_equal_plain(model, tmp_path, num_slots, with
         assert (packed_grads[name] - grad).abs().max().item() <= 1e-5 * scale, name
 
 
-def test_collator_packs_when_asked_and_trainer_uses_it(model, tmp_path):
+def test_trainer_packs_once_and_keeps_the_layout_on_the_batch(model, tmp_path):
     examples = _examples(3)
-    batch = PreferenceCollator(0, 3, prefix_sharing=True)(examples)
-    packed = batch["packed"]
-    assert packed["input_ids"].shape[0] == len(examples)
+    batch = PreferenceCollator(0, 3)(examples)
+    assert batch.packed is None
+    plain = _trainer(model, tmp_path)._logps(model, batch)
+    assert batch.packed is None  # the plain layout builds none
+    with torch.no_grad():
+        fast = _trainer(model, tmp_path, prefix_sharing=True)._logps(model, batch)
+    packed = batch.packed
+    assert packed.input_ids.shape[0] == len(examples)
     # each row holds its prompt once: packed width < K × plain width, and real tokens add up
     prompt_lengths = [len(e.prompt_ids) for e in examples]
     real = [p + sum(len(c) for c in e.completion_ids) for p, e in zip(prompt_lengths, examples)]
-    assert (packed["allowed"][:, 0].diagonal(dim1=-2, dim2=-1)).all()
-    assert packed["input_ids"].shape[1] == max(real)
-    assert int((packed["seq_index"] >= 0).sum()) == int(batch["target_mask"].sum())
-    plain = _trainer(model, tmp_path)._logps(model, {k: v for k, v in batch.items() if k != "packed"})
-    with torch.no_grad():
-        fast = _trainer(model, tmp_path, prefix_sharing=True)._logps(model, batch)
-    torch.testing.assert_close(fast["seq"], plain["seq"].detach(), atol=1e-5, rtol=1e-5)
+    assert (packed.allowed[:, 0].diagonal(dim1=-2, dim2=-1)).all()
+    assert packed.input_ids.shape[1] == max(real)
+    assert int((packed.seq_index >= 0).sum()) == int(batch.target_mask.sum())
+    torch.testing.assert_close(fast.seq, plain.seq.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_block_mask_and_positions():
     examples = [TokenizedExample([1, 2, 3], [[10, 11], [20, 21, 22]], 0), TokenizedExample([1, 5], [[30], [40]], 1)]
     packed = pack_shared_prefix(PreferenceCollator(0, 2)(examples))
-    assert packed["input_ids"][0].tolist() == [1, 2, 3, 10, 11, 20, 21, 22]
-    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
-    assert packed["position_ids"][1, :4].tolist() == [0, 1, 2, 2]
-    allowed = packed["allowed"][0, 0]
+    assert packed.input_ids[0].tolist() == [1, 2, 3, 10, 11, 20, 21, 22]
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert packed.position_ids[1, :4].tolist() == [0, 1, 2, 2]
+    allowed = packed.allowed[0, 0]
     assert allowed[5, :3].all() and not allowed[5, 3:5].any() and allowed[5, 5]  # 2nd completion: prompt + itself
     assert not allowed[3, 4]  # causal
-    assert packed["source_index"][0, 5].item() == 2  # 2nd completion is predicted from the prompt's last token
-    assert packed["seq_index"][0].tolist() == [-1, -1, -1, 0, 0, 1, 1, 1]
-    assert packed["seq_index"][1, :4].tolist() == [-1, -1, 2, 3]
-    assert not packed["allowed"][1, 0, 4, :4].any()  # padding sees only itself
+    assert packed.source_index[0, 5].item() == 2  # 2nd completion is predicted from the prompt's last token
+    assert packed.seq_index[0].tolist() == [-1, -1, -1, 0, 0, 1, 1, 1]
+    assert packed.seq_index[1, :4].tolist() == [-1, -1, 2, 3]
+    assert not packed.allowed[1, 0, 4, :4].any()  # padding sees only itself
 
 
 def test_rows_without_a_shared_prompt_are_refused():
     batch = PreferenceCollator(0, 2)([TokenizedExample([1, 2], [[5], [6]], 0)])
-    batch["input_ids"][1, 1] = 9  # corrupt the second sequence's prompt
+    batch.input_ids[1, 1] = 9  # corrupt the second sequence's prompt
     with pytest.raises(ValueError, match="do not share a prompt"):
         pack_shared_prefix(batch)
 
@@ -151,17 +154,19 @@ def test_prefix_sharing_is_on_by_default():
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["plain", "packed"])
 def test_kl_sequences_are_scored_without_gradient_and_equal_the_joint_pass(model, tmp_path, prefix_sharing):
-    batch = PreferenceCollator(0, 2, with_kl_pairs=True, prefix_sharing=prefix_sharing)(_examples(2, with_kl=True))
+    batch = PreferenceCollator(0, 2, with_kl_pairs=True)(_examples(2, with_kl=True))
     trainer = _trainer(model, tmp_path, loss_type="kto", prefix_sharing=prefix_sharing)
     with torch.no_grad():  # no gradient: one joint forward over scored and KL sequences, as the reference does
-        joint = trainer._logps(model, dict(batch))
-    split = trainer._logps(model, dict(batch))  # training: the KL sequences go through a separate no-grad pass
-    assert split["seq"].requires_grad and not split["kl"].requires_grad
-    kl_rows = batch["kl_seq"].tolist()
-    assert split["seq"].shape == (kl_rows[0],) and split["kl"].shape == (len(kl_rows),) == (len(_examples(2)),)
-    for key in ("seq", "len"):  # the joint pass also scores the KL sequences, after the scored ones
-        torch.testing.assert_close(split[key].detach(), joint[key][: kl_rows[0]], atol=1e-5, rtol=1e-5, msg=key)
-    torch.testing.assert_close(split["kl"], joint["kl"], atol=1e-5, rtol=1e-5)
+        joint = trainer._logps(model, dataclasses.replace(batch))
+    split = trainer._logps(model, dataclasses.replace(batch))  # training: the KL sequences get a separate no-grad pass
+    assert split.seq.requires_grad and not split.kl.requires_grad
+    kl_rows = batch.kl_seq.tolist()
+    assert split.seq.shape == (kl_rows[0],) and split.kl.shape == (len(kl_rows),) == (len(_examples(2)),)
+    for key in ("seq", "lengths"):  # the joint pass also scores the KL sequences, after the scored ones
+        torch.testing.assert_close(
+            getattr(split, key).detach(), getattr(joint, key)[: kl_rows[0]], atol=1e-5, rtol=1e-5, msg=key
+        )
+    torch.testing.assert_close(split.kl, joint.kl, atol=1e-5, rtol=1e-5)
 
 
 def test_split_kl_rows_trims_each_half_and_refuses_interleaved_rows():
@@ -170,13 +175,13 @@ def test_split_kl_rows_trims_each_half_and_refuses_interleaved_rows():
     examples = [TokenizedExample([1, 2], [[3, 4, 5, 6, 7]], 0), TokenizedExample([1, 9], [[3]], 1)]
     examples[0].kl_completion_ids, examples[1].kl_completion_ids = [8], [8, 8]
     batch = PreferenceCollator(0, 1, with_kl_pairs=True)(examples)
-    assert batch["input_ids"].shape == (4, 7)
+    assert batch.input_ids.shape == (4, 7)
     main, kl = split_kl_rows(batch)
-    assert main["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7], [1, 9, 3, 0, 0, 0, 0]]
-    assert kl["input_ids"].tolist() == [[1, 2, 8, 0], [1, 9, 8, 8]]
-    assert kl["target_mask"].tolist() == [[False, False, True, False], [False, False, True, True]]
-    assert kl["slot_seq"].tolist() == [[0], [1]] and "kl_seq" not in main
-    batch["kl_seq"] = torch.tensor([0, 3])
+    assert main.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7], [1, 9, 3, 0, 0, 0, 0]]
+    assert kl.input_ids.tolist() == [[1, 2, 8, 0], [1, 9, 8, 8]]
+    assert kl.target_mask.tolist() == [[False, False, True, False], [False, False, True, True]]
+    assert kl.slot_seq.tolist() == [[0], [1]] and main.kl_seq is None
+    batch.kl_seq = torch.tensor([0, 3])
     with pytest.raises(ValueError, match="must be the last rows"):
         split_kl_rows(batch)
 
@@ -191,5 +196,3 @@ def test_rows_with_one_sequence_are_not_packed(model, tmp_path, monkeypatch):
         assert packed_calls == []
         trainer._logps(model, PreferenceCollator(0, 2)(_examples(2)))
         assert packed_calls == [1]
-    assert "packed" not in PreferenceCollator(0, 1, prefix_sharing=True)(_examples(1))  # nor packed by the collator
-    assert "packed" in PreferenceCollator(0, 2, prefix_sharing=True)(_examples(2))

@@ -38,7 +38,7 @@ def _trainer(model, tmp_path, examples, strategy: str) -> UnialignTrainer:
     cfg = UnialignConfig(output_dir=str(tmp_path), loss_type="dpo", train_sampling_strategy=strategy,
                          per_device_train_batch_size=2, report_to=[], use_cpu=True, seed=3)
     return UnialignTrainer(model=model, args=cfg, method=get_method("dpo"), train_dataset=examples,
-                           data_collator=PreferenceCollator(0, 2, prefix_sharing=True))
+                           data_collator=PreferenceCollator(0, 2))
 
 
 # Short and long rows interleaved: random batches mix them, grouped batches should not.
@@ -46,14 +46,14 @@ EXAMPLES = [_pair(4 + 40 * (i % 2), 3 + i % 3, 2 + i % 4, row=i) for i in range(
 
 
 def _mixed_batches(batches) -> int:
-    return sum(len({int(r) % 2 for r in batch["row_index"]}) > 1 for batch in batches)
+    return sum(len({int(r) % 2 for r in batch.row_index}) > 1 for batch in batches)
 
 
 def test_group_by_length_batches_rows_of_similar_length(model, tmp_path):
     trainer = _trainer(model, tmp_path, EXAMPLES, "group_by_length")
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
     batches = list(trainer.get_train_dataloader())
-    assert sorted(int(r) for b in batches for r in b["row_index"]) == list(range(96))  # every row once
+    assert sorted(int(r) for b in batches for r in b.row_index) == list(range(96))  # every row once
     # transformers sorts "megabatches" of 12 batches by length here (96 rows // (4 × batch 2)), so a short and a
     # long row can only meet at a megabatch's middle: at most 4 mixed batches of 48, where random order mixes ~24
     assert _mixed_batches(batches) <= 4
@@ -70,4 +70,4 @@ def test_batch_rebalance_gets_the_rows_lengths(model, tmp_path):
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, BatchRebalanceSampler)
     batches = list(trainer.get_train_dataloader())
-    assert sorted(int(r) for b in batches for r in b["row_index"]) == list(range(96))
+    assert sorted(int(r) for b in batches for r in b.row_index) == list(range(96))

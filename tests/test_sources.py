@@ -86,7 +86,7 @@ def test_an_unknown_bundled_format_is_a_one_line_error_naming_the_formats():
     assert "\n" not in message
     assert message == (
         "bundled:nonsense: unknown bundled format 'nonsense'; write bundled:<format>[:<split>] with format one of "
-        "listwise, pairwise, binary, score, triple, sft, prompt, prompts"
+        "pairwise, binary, score, triple, listwise, sft, prompt, prompts"
     )
     with pytest.raises(DataError, match="unknown bundled split 'dev'; choose one of train, test"):
         read_rows("bundled:pairwise:dev")

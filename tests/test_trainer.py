@@ -69,7 +69,7 @@ def _reference_logps(tiny_model_dir, data_file, tmp_path, **extra):
         return torch.tensor([e.ref_logps for e in examples]), trainer
     from unialign.trainer import gather_slots
 
-    return gather_slots(trainer.reference_logps(batch)["seq"], batch["slot_seq"]), trainer
+    return gather_slots(trainer.reference_logps(batch).seq, batch.slot_seq), trainer
 
 
 def test_three_reference_modes_agree(tiny_model_dir, data_file, tmp_path):
@@ -82,7 +82,7 @@ def test_three_reference_modes_agree(tiny_model_dir, data_file, tmp_path):
     batch = trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset))
     from unialign.trainer import gather_slots
 
-    adapter_after = gather_slots(trainer.reference_logps(batch)["seq"], batch["slot_seq"])
+    adapter_after = gather_slots(trainer.reference_logps(batch).seq, batch.slot_seq)
     precomputed, trainer3 = _reference_logps(tiny_model_dir, data_file, tmp_path, precompute_ref_log_probs=True)
     assert trainer3.ref_model is None
     torch.testing.assert_close(adapter, separate, atol=1e-5, rtol=1e-5)
@@ -103,9 +103,9 @@ def test_save_and_reload_give_the_same_logps(tiny_model_dir, data_file, tmp_path
     batch = trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset[:4]))
     trainer.model.eval()
     with torch.no_grad():
-        live = trainer._logps(trainer.model, batch)["seq"]
+        live = trainer._logps(trainer.model, batch).seq
         reloaded_model = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
-        reloaded = trainer._logps(reloaded_model, batch)["seq"]
+        reloaded = trainer._logps(reloaded_model, batch).seq
     torch.testing.assert_close(reloaded, live, atol=1e-5, rtol=1e-5)
     assert (result.model_dir / ("model.safetensors" if merged else "adapter_model.safetensors")).exists()
 

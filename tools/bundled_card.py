@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from unialign.data.io import read_jsonl
+from unialign.feedback import SLOTS
 
 # The checkout's bundled folder: a maintainer tool rewrites the source tree, not an installed copy.
 FOLDER = Path(__file__).resolve().parent.parent / "src" / "unialign" / "data" / "bundled"
@@ -26,11 +27,7 @@ BUILD_COMMAND = (
 
 
 # The derived formats whose slots the card reports the ended fraction of.
-SLOT_FORMATS = {
-    "pairwise": ("chosen", "rejected"),
-    "triple": ("reference", "chosen", "rejected"),
-    "sft": ("completion",),
-}
+SLOT_FORMATS = {fmt: SLOTS[fmt] for fmt in ("pairwise", "triple", "sft")}
 
 
 def dataset_statistics(folder: Path = FOLDER) -> dict:

@@ -132,7 +132,7 @@ def value_activation_bytes(trainer) -> int:
 
     params = {p.untyped_storage().data_ptr() for p in trainer.value_model.parameters()}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        trainer.value_model.completion_values(batch, batch["tok_index"], batch["tok_mask"])
+        trainer.value_model.completion_values(batch, batch.tok_index, batch.tok_mask)
     return sum(size for ptr, size in seen.items() if ptr not in params)  # weights are counted already
 
 

@@ -7,9 +7,15 @@ transformers until a function needs them).
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes (which peft imports whenever it is installed) warns at import, on CPUs with AVX512-BF16, that an
+# optional kernel from the Hugging Face hub is missing; its own CPU kernel is used instead, so the line tells a
+# user nothing to act on. Set before that import so it is never printed; real errors still are.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _PUBLIC = {
     "UnialignConfig": "unialign.config",

@@ -9,6 +9,10 @@ each time. On the 2-core benchmark machine that was 9% of a unialign DPO step an
 step reuses them: the process's resident memory then stays at its peak instead of falling between
 steps, which is why this is applied only to CPU training and can be turned off
 (``cpu_keep_freed_memory: false``).
+
+The setting is process-wide, so a trainer applies it by default only in a process that is
+unialign's own (:func:`own_process`: the ``unialign`` command). A program that imports unialign
+keeps its allocator unless it sets ``cpu_keep_freed_memory: true``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ M_MMAP_MAX = -4
 _TRIM_NEVER = 2**31 - 1  # the largest value mallopt accepts: keep up to 2 GiB of free heap top
 
 _applied = False
+_owned = False
+
+
+def own_process() -> None:
+    """Mark this process as unialign's own (the command line): process-wide defaults then apply to it."""
+    global _owned
+    _owned = True
+
+
+def process_is_owned() -> bool:
+    """Whether :func:`own_process` was called in this process."""
+    return _owned
 
 
 @functools.cache

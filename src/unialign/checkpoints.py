@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from unialign import jsonfile
 from unialign.data.tokenize import TokenizedExample
@@ -223,6 +225,8 @@ RESUME_SAFE_KEYS = frozenset(
         "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "local_rank", "ddp_timeout", "debug",
         "torch_empty_cache_steps", "cpu_keep_freed_memory", "compile_layers", "logprob_impl", "logprob_chunk_size",
         "prefix_sharing", "gradient_checkpointing", "gradient_checkpointing_kwargs", "on_nonfinite",
+        # transformers 5.2x's names for gradient checkpointing; the attention kernel computes the same values
+        "activation_checkpointing", "activation_checkpointing_kwargs", "attn_implementation",
         "allow_pickle", "trust_remote_code", "vllm_gpu_memory_utilization", "vllm_max_model_len",
     }
 )
@@ -311,8 +315,6 @@ def save_ref_logps(path: Path, splits: dict[str, Sequence[TokenizedExample]], re
     are ``ref_logps[offsets[i]:offsets[i+1]]``), and ``s.ref_prompt_logps`` / ``s.ref_kl_logps`` when the
     method has them. The metadata records each split's row count and :func:`data_fingerprint`.
     """
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"reference": reference}
     for name, examples in splits.items():
@@ -341,8 +343,6 @@ def load_ref_logps(
     ``ValueError`` naming the file when it was written for other data, another reference model or a method
     that computed other terms.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}

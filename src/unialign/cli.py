@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+# Deferred imports: unialign torch (each command loads only what it runs: `unialign methods` or a
+# mistyped option must answer without waiting seconds for torch and transformers).
 import argparse
 import logging
 import os
 import sys
 import traceback
+
+from unialign.allocator import own_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    own_process()
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -10,6 +10,7 @@ defaults for (``beta``, ``learning_rate``, ...) stay ``None`` until the method f
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -21,14 +22,20 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from unialign.feedback import FORMATS as FEEDBACK_FORMATS
 from unialign.losses.grpo import SCALE_REWARDS
 from unialign.losses.policy_gradient import AGGREGATIONS
 from unialign.losses.reference_free import ORPO_NLL_SCOPES
 from unialign.losses.registry import get_method
 from unialign.losses.una import UNA_LOSSES
+from unialign.losses.una_online import NORMALIZATIONS, RATIO_BASES, SPACES
+
+# Written here (not imported from models.py, which imports this module's ConfigError).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+FOUR_BIT_QUANT_TYPES = ("nf4", "fp4")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-FORMATS = ("auto", "pairwise", "binary", "score", "triple", "listwise", "prompt", "sft")
+FORMATS = ("auto", *FEEDBACK_FORMATS)
 
 # Fields whose values must be one of a fixed set: checked with a message naming the choices.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -38,13 +45,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logprob_impl": ("auto", "chunked", "full"),
     "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
     "on_nonfinite": ("stop", "skip"),
-    "una_space": ("score", "reward"),
-    "reward_normalization": ("none", "running", "range"),
-    "ratio_base": ("reference", "rollout"),
+    "una_space": SPACES,
+    "reward_normalization": NORMALIZATIONS,
+    "ratio_base": RATIO_BASES,
     "generation_backend": ("transformers", "vllm"),
     "orpo_nll_scope": ORPO_NLL_SCOPES,
     "scale_rewards": SCALE_REWARDS,
     "grpo_loss_type": AGGREGATIONS,
+    "bnb_4bit_quant_type": FOUR_BIT_QUANT_TYPES,
+    "bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
 }
 
 # Numeric keys and the values they may take: (lowest, lowest allowed itself?, highest, highest allowed itself?).
@@ -113,6 +122,13 @@ class UnialignConfig(TrainingArguments):
         default=None, metadata={"help": "separate reference model (default: the policy's initial weights)"}
     )
     torch_dtype: str = field(default="float32", metadata={"help": "weights dtype"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "sdpa | eager | flash_attention_2 | flex_attention, passed to from_pretrained (None: "
+            "transformers' choice, sdpa for most models); prefix_sharing needs sdpa or eager"
+        },
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading .bin/.pt weights (unsafe pickle)"})
     # --- data
@@ -175,6 +191,18 @@ class UnialignConfig(TrainingArguments):
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str = "all-linear"
+    # --- QLoRA (TRL's and transformers' BitsAndBytesConfig names)
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "load the policy's linear layers in 4 bits with bitsandbytes and train LoRA on them (QLoRA)"},
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 (QLoRA's NormalFloat) or fp4"})
+    bnb_4bit_compute_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype of the 4-bit layers' matmuls: bfloat16, float16 or float32"}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False, metadata={"help": "quantize the quantization constants too (about 0.4 bits per weight saved)"}
+    )
     save_merged: bool = field(
         default=True, metadata={"help": "save LoRA runs merged into full weights (False: adapter only)"}
     )
@@ -197,11 +225,12 @@ class UnialignConfig(TrainingArguments):
             "shapes): fuses norms, activations and rotary embeddings; the first step pays the compilation"
         },
     )
-    cpu_keep_freed_memory: bool = field(
-        default=True,
+    cpu_keep_freed_memory: bool | None = field(
+        default=None,
         metadata={
             "help": "on CPU, keep freed memory in the process for reuse (glibc malloc: no per-block mmap, no "
-            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its peak"
+            "trimming) instead of page-faulting large tensors anew every step; resident memory then stays at its "
+            "peak. Process-wide: unset, it is on under the unialign command and off when unialign is imported"
         },
     )
     # --- reliability (docs/reliability.md)
@@ -327,6 +356,17 @@ class UnialignConfig(TrainingArguments):
             raise ValueError(f"config key 'score_range' must be [low, high] with low < high, got {self.score_range}")
         for name, bounds in (RANGES | method.ranges).items():
             check_range(name, getattr(self, name), bounds)
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(
+                "attn_implementation",
+                f"is {self.attn_implementation!r}; allowed values: {', '.join(ATTENTION_IMPLEMENTATIONS)} (or unset)",
+            )
+        if self.load_in_4bit and not self.use_peft:
+            raise ConfigError(
+                "load_in_4bit",
+                "needs use_peft: true: 4-bit weights cannot be trained, so a 4-bit model is fine-tuned through LoRA "
+                "adapters (QLoRA); set use_peft: true, or load_in_4bit: false for a full fine-tune",
+            )
         if self.max_steps <= 0 and self.num_train_epochs == 0:
             raise ConfigError("num_train_epochs", "is 0 and max_steps is not set: the run would train 0 steps")
         super().__post_init__()
@@ -536,7 +576,6 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _close_matches(key: str, known: dict[str, Any]) -> str:
-    import difflib
 
     matches = difflib.get_close_matches(key, list(known), n=3)
     return f"; did you mean {', '.join(matches)}?" if matches else "; `unialign train --help` lists the keys"

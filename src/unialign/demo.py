@@ -16,6 +16,7 @@ samples per prompt halve the variance of the measured difference.
 
 from __future__ import annotations
 
+# Deferred imports: unialign torch (the demo is reached through the CLI, which stays cheap to start).
 import time
 from pathlib import Path
 

@@ -21,11 +21,15 @@ import torch
 
 from unialign import jsonfile
 from unialign.data.collate import pad_sequences
-from unialign.data.formats import ENDED_SUFFIX
+from unialign.data.errors import DataError
+from unialign.data.formats import ENDED_SUFFIX, validate_row
+from unialign.data.sources import read_rows
 from unialign.data.tokenize import encode_completions, encode_prompt
 from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
+from unialign.models import load_model, load_tokenizer
 from unialign.rewards.base import RewardSource
+from unialign.rewards.sources import load_reward
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +246,10 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_to
         impl = "chunked" if chunked_head_is_exact(model) else "full"
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start : start + batch_size]
-            batch = pad_sequences([p + c for p, c in chunk], [len(p) for p, _ in chunk], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            values = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"], impl=impl)
-            totals, _ = sequence_logps(values, batch["target_mask"])
+            padded = pad_sequences([p + c for p, c in chunk], [len(p) for p, _ in chunk], pad_token_id)
+            mask = padded.target_mask.to(device)
+            values = token_logps(model, padded.input_ids.to(device), padded.attention_mask.to(device), mask, impl=impl)
+            totals, _ = sequence_logps(values, mask)
             out.extend(totals.tolist())
     return out
 
@@ -410,37 +414,41 @@ def read_source_rows(source) -> list[dict[str, Any]]:
     Evaluation reads held-out rows: ``bundled:<format>`` means ``bundled:<format>:test``, and hub
     datasets and ``DatasetDict``s give their ``test`` split.
     """
-    from unialign.data.sources import read_rows
-
     return read_rows(source, split="test")
 
 
 def load_prompts(source: str, limit: int | None = None) -> list:
     """The ``prompt`` column of ``source`` (see :func:`read_source_rows`), first ``limit`` rows.
 
+    Each row is checked by the prompt-only validator training uses (``unialign.data.formats``).
+
     Raises:
-        DataError: when ``source`` has no rows, or a row has no ``prompt``.
+        DataError: when ``source`` has no rows, or a row has no valid ``prompt`` (naming row and field).
     """
-    from unialign.data.errors import DataError
 
     rows = read_source_rows(source)
     if not rows:
         raise DataError("has no rows; evaluation needs at least one prompt", source=str(source))
-    missing = [i for i, row in enumerate(rows) if "prompt" not in row]
-    if missing:
-        raise ValueError(f"{source}: row {missing[0] + 1} has no `prompt` column")
-    prompts = [row["prompt"] for row in rows]
+    prompts = [validate_row(row, "prompt", i, str(source)).prompt for i, row in enumerate(rows)]
     return prompts[:limit] if limit is not None else prompts
 
 
 def load_pairs(source: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows with ``prompt``, ``chosen`` and ``rejected`` from ``source``, first ``limit`` rows."""
+    """Pairwise rows of ``source``, first ``limit`` rows, each with an explicit ``prompt``.
+
+    Each row is checked by the pairwise validator training uses, so TRL's implicit-prompt rows are
+    split on their shared messages as training splits them.
+
+    Raises:
+        DataError: naming the row and field of the first row that is not a valid pair.
+    """
     rows = read_source_rows(source)
+    pairs = []
     for i, row in enumerate(rows):
-        absent = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if absent:
-            raise ValueError(f"{source}: row {i + 1} lacks {', '.join(absent)}; pairs need prompt/chosen/rejected")
-    return rows[:limit] if limit is not None else rows
+        example = validate_row(row, "pairwise", i, str(source))
+        pairs.append({**row, "prompt": example.prompt, "chosen": example.completions[0],
+                      "rejected": example.completions[1]})
+    return pairs[:limit] if limit is not None else pairs
 
 
 def default_reference(model_path: str) -> str:
@@ -478,8 +486,6 @@ def evaluate_paths(
 
     Settings, prompts and pairs are checked before any model loads.
     """
-    from unialign.models import load_model, load_tokenizer
-    from unialign.rewards.sources import load_reward
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1; got {limit}")

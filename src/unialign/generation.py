@@ -6,6 +6,7 @@ Shared by the dataset builder, evaluation and online training. Prompts go throug
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -174,8 +175,6 @@ def check_backend(name: str) -> None:
         return
     if name != "vllm":
         raise ValueError(f"unknown generation_backend {name!r}; use transformers or vllm")
-    import importlib.util
-
     missing = []
     if importlib.util.find_spec("vllm") is None:
         missing.append("the vllm package is not installed (pip install vllm)")

@@ -8,6 +8,7 @@ folder under the cache (``$UNIALIGN_CACHE``, default ``~/.cache/unialign``); lat
 
 from __future__ import annotations
 
+# Deferred imports: bitsandbytes peft (an optional extra, and seconds to import: loaded for QLoRA/LoRA only).
 import importlib.util
 import logging
 import os
@@ -21,10 +22,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from unialign.config import ATTENTION_IMPLEMENTATIONS, ConfigError
+from unialign.logprobs import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +126,25 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     num_labels: int = 1,
+    attn_implementation: str | None = None,
+    quantization_config=None,
 ) -> PreTrainedModel:
     """Load a causal LM (or a sequence classifier for reward models) from any supported location.
 
     Weights come from safetensors unless ``allow_pickle`` is set. ``kind="sequence_classifier"``
     adds a fresh scalar head when loading a causal-LM checkpoint (reward-model training).
+    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``, ``flex_attention``; None:
+    transformers' choice) and ``quantization_config`` (:func:`four_bit_config`) go to ``from_pretrained``.
     """
     location, gguf = _split_gguf(resolve_model_path(name_or_path))
     torch_dtype = "auto" if dtype == "auto" else _DTYPES[dtype]
     common = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    if attn_implementation is not None:
+        check_attention(attn_implementation)
+        common["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        check_four_bit_backend()
+        common["quantization_config"] = quantization_config
     if gguf is None:
         common["use_safetensors"] = None if allow_pickle else True
     else:
@@ -151,6 +166,98 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     return model
+
+
+def check_attention(attn_implementation: str) -> None:
+    """Refuse an attention implementation this machine cannot run, before any weights load.
+
+    flash-attn kernels exist for CUDA only; torch's FlexAttention runs a CPU forward but has no
+    backward on CPU (torch raises "FlexAttention does not support backward on CPU" at the first step).
+    """
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            "attn_implementation", f"is {attn_implementation!r}; allowed values: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise ConfigError(
+            "attn_implementation",
+            "is flash_attention_2, which needs a CUDA GPU and the flash-attn package; this machine has no CUDA "
+            "device: use sdpa (the default) or eager",
+        )
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "attn_implementation",
+            "is flash_attention_2, but the flash-attn package is not installed (pip install flash-attn); or use sdpa",
+        )
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            "attn_implementation",
+            "is flex_attention, which cannot train on CPU: torch's FlexAttention has no backward on CPU; use sdpa "
+            "(the default) or eager here, flex_attention on a GPU",
+        )
+
+
+def four_bit_config(quant_type: str = "nf4", compute_dtype: str = "bfloat16", double_quant: bool = False):
+    """transformers' ``BitsAndBytesConfig`` for 4-bit weights (QLoRA: Dettmers et al. 2023, "QLoRA:
+    Efficient Finetuning of Quantized LLMs", arXiv:2305.14314)."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=_DTYPES[compute_dtype],
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def check_four_bit_backend() -> None:
+    """Refuse 4-bit loading where bitsandbytes is missing or cannot compute here, with the reason.
+
+    Without CUDA, a tiny 4-bit matmul with its backward is tried first: bitsandbytes' CPU backend
+    (0.50, tested) runs it; an install that cannot fails there, not in the middle of the first training step.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "load_in_4bit", "needs the bitsandbytes package: pip install 'unialign[qlora]' (or bitsandbytes)"
+        )
+    if torch.cuda.is_available():
+        return
+    try:
+        _four_bit_cpu_probe()
+    except Exception as err:  # any failure of the backend means the same thing to the user
+        raise ConfigError(
+            "load_in_4bit",
+            "needs a CUDA GPU: bitsandbytes' CPU backend could not run a 4-bit matmul with its backward on this "
+            f"machine ({type(err).__name__}: {err}); install bitsandbytes>=0.50 (its CPU backend is tested) or "
+            "train on a GPU",
+        ) from err
+
+
+def _four_bit_cpu_probe() -> None:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer = layer.to("cpu")
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()
+    if x.grad is None or not torch.isfinite(x.grad).all():
+        raise RuntimeError("the input gradient of a 4-bit layer is missing or not finite")
+
+
+def prepare_four_bit(model: PreTrainedModel) -> PreTrainedModel:
+    """peft's ``prepare_model_for_kbit_training`` for a 4-bit model: base frozen, norms and embeddings in
+    float32. Checkpointing is left to the Trainer's ``gradient_checkpointing`` key (peft would switch it on).
+
+    bitsandbytes' CPU inference path is switched off: on CPUs with AVX512-BF16, the first forward in eval
+    mode without gradients (the adapter-disabled reference) repacks each 4-bit weight for a bfloat16 kernel
+    that has no backward, and every later training forward runs through it, so the gradients that flow
+    through the 4-bit layers to earlier adapters come out wrong (tests/test_memory.py measures it).
+    """
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def apply_lora(
@@ -229,8 +336,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def repeated_blocks(model) -> list:
     """The modules whose class ``model`` lists in ``_no_split_modules`` (its decoder layers), inside any
     DDP or PEFT wrapper; empty when the model names none."""
-    from unialign.logprobs import unwrap
-
     inner = unwrap(model)
     block_classes = set(getattr(inner, "_no_split_modules", None) or ())
     return [module for module in inner.modules() if type(module).__name__ in block_classes]
@@ -248,8 +353,6 @@ def compile_blocks(model, dynamic: bool = True) -> int:
     """
     blocks = repeated_blocks(model)
     if not blocks:
-        from unialign.logprobs import unwrap
-
         raise ValueError(
             f"compile_layers: {type(unwrap(model)).__name__} names no repeated block class (_no_split_modules), so "
             "there is nothing to compile block by block; set compile_layers: false"

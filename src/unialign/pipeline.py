@@ -16,7 +16,7 @@ from unialign.checkpoints import (
 from unialign.config import UnialignConfig, load_config
 from unialign.data.collate import PreferenceCollator
 from unialign.data.errors import DataError
-from unialign.data.formats import detect_format
+from unialign.data.formats import columns_of, detect_format
 from unialign.data.sources import open_table
 from unialign.data.tokenize import DropReport
 from unialign.data.tokenized import TokenizedDataset, max_completions, tokenize_table
@@ -53,7 +53,7 @@ def prepare_data(source, cfg: UnialignConfig, method: Method, tokenizer, split: 
     table = open_table(source, split, bundled_default=method.formats[0])
     if not len(table):
         raise DataError("has no rows", source=table.name)
-    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(_columns(table.head(50)), table.name)
+    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(columns_of(table.head(50)), table.name)
     check_format(method, fmt)
     examples, report = tokenize_table(
         table,
@@ -73,15 +73,6 @@ def prepare_data(source, cfg: UnialignConfig, method: Method, tokenizer, split: 
     if method.needs_kl_pairs:
         examples.attach_kl_pairs(cfg.max_length)
     return PreparedData(examples, fmt, report, table.name)
-
-
-def _columns(rows: list[dict]) -> set[str]:
-    # The union, so that one row missing a column is validated against the format the others
-    # show and reported by row and field, rather than changing the detected format.
-    columns: set[str] = set()
-    for row in rows[:50]:
-        columns |= set(row)
-    return columns
 
 
 def check_scores(examples, fmt: str, source: str, method: Method) -> None:

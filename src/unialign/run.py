@@ -27,7 +27,7 @@ from unialign.checkpoints import (
 from unialign.config import UnialignConfig
 from unialign.data.tokenize import DropReport
 from unialign.losses.registry import Method
-from unialign.models import apply_lora, disable_dropout, load_model
+from unialign.models import apply_lora, disable_dropout, four_bit_config, load_model, prepare_four_bit
 from unialign.rundir import (
     DATA_REPORT,
     METRICS_FILE,
@@ -57,6 +57,9 @@ class TrainResult:
 def build_models(cfg: UnialignConfig, method: Method):
     """Policy (with LoRA when asked) and, when needed and not provided by adapters, a frozen reference.
 
+    Both load with ``attn_implementation`` and, with ``load_in_4bit``, in 4 bits (QLoRA; the reference of
+    a QLoRA run is the policy with its adapters disabled, or a separate model, 4-bit as well).
+
     With ``cfg.disable_dropout`` (the default) every dropout of both is switched off, after LoRA is
     applied so that the adapters' dropout is included (:func:`unialign.models.disable_dropout`).
 
@@ -67,13 +70,21 @@ def build_models(cfg: UnialignConfig, method: Method):
 
     set_seed(cfg.seed)
     kind = method.model_kind
-    policy = load_model(
-        cfg.model_name_or_path,
-        dtype=cfg.torch_dtype,
-        kind=kind,
-        trust_remote_code=cfg.trust_remote_code,
-        allow_pickle=cfg.allow_pickle,
+    quantization = (
+        four_bit_config(cfg.bnb_4bit_quant_type, cfg.bnb_4bit_compute_dtype, cfg.bnb_4bit_use_double_quant)
+        if cfg.load_in_4bit
+        else None
     )
+    loading = {
+        "dtype": cfg.torch_dtype,
+        "trust_remote_code": cfg.trust_remote_code,
+        "allow_pickle": cfg.allow_pickle,
+        "attn_implementation": cfg.attn_implementation,
+        "quantization_config": quantization,
+    }
+    policy = load_model(cfg.model_name_or_path, kind=kind, **loading)
+    if quantization is not None:
+        policy = prepare_four_bit(policy)
     if cfg.use_peft:
         policy = apply_lora(
             policy,
@@ -85,12 +96,7 @@ def build_models(cfg: UnialignConfig, method: Method):
         )
     reference = None
     if method.needs_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
-        reference = load_model(
-            cfg.ref_model_name_or_path or cfg.model_name_or_path,
-            dtype=cfg.torch_dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_pickle=cfg.allow_pickle,
-        )
+        reference = load_model(cfg.ref_model_name_or_path or cfg.model_name_or_path, **loading)
     if cfg.disable_dropout:
         for model in (policy, reference):
             if model is not None:
@@ -275,8 +281,8 @@ def write_model_card(
 def save_final_model(trainer: UnialignTrainer, cfg: UnialignConfig, model_dir: Path) -> Path:
     """Save weights and tokenizer so ``AutoModelForCausalLM.from_pretrained(model_dir)`` loads them.
 
-    LoRA runs are merged into full weights unless ``save_merged`` is false (then the adapter is saved,
-    loadable with peft or, with peft installed, by ``from_pretrained`` directly).
+    LoRA runs are merged into full weights unless ``save_merged`` is false or the base is 4-bit (QLoRA): then
+    the adapter is saved, loadable with peft or, with peft installed, by ``from_pretrained`` directly.
     """
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         # Sharded weights: Trainer.save_model gathers them (every process takes part). Merging LoRA would need
@@ -288,7 +294,10 @@ def save_final_model(trainer: UnialignTrainer, cfg: UnialignConfig, model_dir: P
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.is_world_process_zero():
         return model_dir
-    if cfg.use_peft and cfg.save_merged:
+    if cfg.use_peft and cfg.save_merged and cfg.load_in_4bit:
+        # Merging into 4-bit weights would round the update away again (and save a bitsandbytes checkpoint).
+        logger.warning("QLoRA: the LoRA adapter is saved unmerged; merge it into the full-precision base with peft")
+    elif cfg.use_peft and cfg.save_merged:
         model = model.merge_and_unload()
     model.save_pretrained(model_dir, safe_serialization=True)
     trainer.processing_class.save_pretrained(model_dir)

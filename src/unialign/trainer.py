@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from unialign.allocator import keep_freed_memory
+from unialign.allocator import keep_freed_memory, process_is_owned
 from unialign.checkpoints import (
     data_fingerprint,
     is_complete,
@@ -31,7 +32,7 @@ from unialign.checkpoints import (
     mark_complete,
     training_settings,
 )
-from unialign.data.collate import has_shared_prompts, pack_shared_prefix, split_kl_rows
+from unialign.data.collate import Batch, has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import TokenizedDataset, store_values
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
@@ -42,8 +43,34 @@ from unialign.rundir import storage_errors
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that honour a custom 4D mask (transformers' masking_utils passes it through).
+# Attention implementations that honour a custom 4D mask (transformers' masking_utils passes it through);
+# packed log-probs and gradients equal the plain layout's with both (tests/test_attention.py).
 PACKED_ATTENTION = ("sdpa", "eager")
+# Why prefix sharing is switched off under the others (the plain layout is used instead).
+UNPACKED_ATTENTION = {
+    "flash_attention_2": "flash-attn kernels take no custom 4D mask (only padding or position ids), so the block "
+    "mask would be ignored",
+    "flex_attention": "transformers turns a dense 4D mask into a FlexAttention score_mod over the whole mask; on "
+    "CPU torch's kernel crashed on it (segfault), so it is not used",
+}
+
+
+@dataclass
+class LogProbs:
+    """Summed log-probs of a batch's sequences under one model.
+
+    Attributes:
+        seq / lengths: ``(N,)`` completion log-prob sums and token counts, per sequence.
+        prompt / prompt_lengths: ``(B,)`` the prompt tokens after the first, per row (when the batch
+            marks them).
+        kl: ``(B,)`` KTO's mismatched sequences, per row (when the batch has them).
+    """
+
+    seq: Tensor
+    lengths: Tensor
+    prompt: Tensor | None = None
+    prompt_lengths: Tensor | None = None
+    kl: Tensor | None = None
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -83,7 +110,8 @@ class UnialignTrainer(Trainer):
             sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
             impl = "full" if sharded or not chunked_head_is_exact(self.model) else "chunked"
         self.logprob_impl = impl
-        if self.args.cpu_keep_freed_memory and self.accelerator.device.type == "cpu":
+        keep = self.args.cpu_keep_freed_memory
+        if (process_is_owned() if keep is None else keep) and self.accelerator.device.type == "cpu":
             keep_freed_memory()
         if self.args.compile_layers:
             compiled = compile_blocks(self.model)
@@ -258,79 +286,78 @@ class UnialignTrainer(Trainer):
                 self._data_fingerprint = data_fingerprint(data)
         return self._data_fingerprint
 
-    def method_inputs(self, model, batch: dict) -> MethodInputs:
+    def method_inputs(self, model, batch: Batch) -> MethodInputs:
         """Compute the tensors the method declared, in one policy forward (and one reference forward)."""
-        slot_seq = batch["slot_seq"]
+        slot_seq = batch.slot_seq
         completion_mask = slot_seq >= 0
         if self.method.model_kind == "sequence_classifier":
-            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-            lengths = gather_slots(batch["target_mask"].sum(-1).float(), slot_seq)
+            scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+            lengths = gather_slots(batch.target_mask.sum(-1).float(), slot_seq)
             return MethodInputs(
                 policy_logps=torch.zeros_like(lengths),
                 lengths=lengths,
                 completion_mask=completion_mask,
                 rm_rewards=gather_slots(scores.float(), slot_seq),
                 targets=self._targets(batch),
-                rewards=batch.get("rewards"),
+                rewards=batch.rewards,
             )
         policy = self._logps(model, batch)
         inputs = MethodInputs(
-            policy_logps=gather_slots(policy["seq"], slot_seq),
-            lengths=gather_slots(policy["len"], slot_seq),
+            policy_logps=gather_slots(policy.seq, slot_seq),
+            lengths=gather_slots(policy.lengths, slot_seq),
             completion_mask=completion_mask,
             targets=self._targets(batch),
-            rewards=batch.get("rewards"),
-            prompt_logps=policy.get("prompt"),
-            prompt_lengths=policy.get("prompt_len"),
-            kl_logps=policy.get("kl"),
+            rewards=batch.rewards,
+            reward_targets=batch.reward_targets,
+            prompt_logps=policy.prompt,
+            prompt_lengths=policy.prompt_lengths,
+            kl_logps=policy.kl,
         )
         if self.method.needs_reference:
-            if "ref_logps" in batch:
-                inputs.ref_logps = batch["ref_logps"]
-                inputs.ref_prompt_logps = batch.get("ref_prompt_logps")
-                inputs.ref_kl_logps = batch.get("ref_kl_logps")
+            if batch.ref_logps is not None:
+                inputs.ref_logps = batch.ref_logps
+                inputs.ref_prompt_logps, inputs.ref_kl_logps = batch.ref_prompt_logps, batch.ref_kl_logps
             else:
                 ref = self.reference_logps(batch)
-                inputs.ref_logps = gather_slots(ref["seq"], slot_seq)
-                inputs.ref_prompt_logps, inputs.ref_kl_logps = ref.get("prompt"), ref.get("kl")
+                inputs.ref_logps = gather_slots(ref.seq, slot_seq)
+                inputs.ref_prompt_logps, inputs.ref_kl_logps = ref.prompt, ref.kl
         return inputs
 
-    def _targets(self, batch: dict) -> Tensor | None:
+    def _targets(self, batch: Batch) -> Tensor | None:
         """Per-slot targets in [0, 1]: normalized scores when the method wants them and rows have them, else labels."""
         want = self.method.targets_from
         if want is None:
             return None
-        if want == "scores" and "scores" in batch:
-            return batch["scores"]
-        if "labels" in batch:
-            return batch["labels"]
+        if want == "scores" and batch.scores is not None:
+            return batch.scores
+        if batch.labels is not None:
+            return batch.labels
         raise ValueError(f"{self.method.name} needs per-completion {want} but the batch has none")
 
-    def _logps(self, model, batch: dict) -> dict[str, Tensor]:
-        if "kl_seq" in batch and torch.is_grad_enabled():
+    def _logps(self, model, batch: Batch) -> LogProbs:
+        if batch.kl_seq is not None and torch.is_grad_enabled():
             return self._logps_detached_kl(model, batch)
         if self._shares_prefix(model) and has_shared_prompts(batch):
             return self._packed_logps(model, batch)
-        mask = batch["target_mask"]
-        scored = mask | batch["prompt_target_mask"] if "prompt_target_mask" in batch else mask
+        mask, prompt_mask = batch.target_mask, batch.prompt_target_mask
         values = token_logps(
             model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            scored,
+            batch.input_ids,
+            batch.attention_mask,
+            mask if prompt_mask is None else mask | prompt_mask,
             impl=self.logprob_impl,
             chunk_size=self.args.logprob_chunk_size,
         )
         seq, length = sequence_logps(values, mask)
-        out = {"seq": seq, "len": length.float()}
-        if "prompt_target_mask" in batch:
-            out["prompt"] = (values * batch["prompt_target_mask"]).sum(-1)[batch["prompt_seq"]]
-            out["prompt_len"] = batch["prompt_target_mask"].sum(-1)[batch["prompt_seq"]].float()
-        if "kl_seq" in batch:
-            out["kl"] = seq[batch["kl_seq"]]
+        out = LogProbs(seq, length.float())
+        if prompt_mask is not None:
+            out.prompt = (values * prompt_mask).sum(-1)[batch.prompt_seq]
+            out.prompt_lengths = prompt_mask.sum(-1)[batch.prompt_seq].float()
+        if batch.kl_seq is not None:
+            out.kl = seq[batch.kl_seq]
         return out
 
-    def _logps_detached_kl(self, model, batch: dict) -> dict[str, Tensor]:
+    def _logps_detached_kl(self, model, batch: Batch) -> LogProbs:
         """``_logps`` with KTO's KL sequences scored in a separate no-grad pass.
 
         They reach the loss only through the detached estimate z_ref, so keeping their activations
@@ -339,7 +366,7 @@ class UnialignTrainer(Trainer):
         main, kl_batch = split_kl_rows(batch)
         out = self._logps(model, main)
         with torch.no_grad():
-            out["kl"] = self._logps(model, kl_batch)["seq"]
+            out.kl = self._logps(model, kl_batch).seq
         return out
 
     def _shares_prefix(self, model) -> bool:
@@ -347,10 +374,13 @@ class UnialignTrainer(Trainer):
         if not getattr(self.args, "prefix_sharing", False) or self.method.model_kind != "causal_lm":
             return False
         inner = unwrap(model)
+        # what transformers resolved at load (attn_implementation may be unset, or the model passed in built):
+        # the config's private field is the only record of the kernel that will run
         attention = getattr(inner.config, "_attn_implementation", None)
         problem = None
         if attention not in PACKED_ATTENTION:
-            problem = f"{attention} attention does not take a custom 4D mask (sdpa and eager do)"
+            reason = UNPACKED_ATTENTION.get(attention, "it does not take a custom 4D mask")
+            problem = f"attn_implementation {attention}: {reason} (sdpa and eager are supported)"
         elif getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
             problem = "the model uses sliding-window attention, which a custom 4D mask would replace"
         elif "position_ids" not in inspect.signature(inner.forward).parameters:
@@ -362,43 +392,43 @@ class UnialignTrainer(Trainer):
             self._warned_prefix_sharing = True
         return False
 
-    def _packed_logps(self, model, batch: dict) -> dict[str, Tensor]:
-        """``_logps`` on the prefix-shared layout; the values are indexed by plain sequence as there."""
-        packed = batch.get("packed")
-        if packed is None:  # the collator was built without prefix_sharing: pack here, once per batch
-            packed = batch["packed"] = pack_shared_prefix(batch)
+    def _packed_logps(self, model, batch: Batch) -> LogProbs:
+        """``_logps`` on the prefix-shared layout; the values are indexed by plain sequence as there.
+
+        The layout is built once per batch and kept on it, so the reference forward reuses it.
+        """
+        if batch.packed is None:
+            batch.packed = pack_shared_prefix(batch)
+        packed = batch.packed
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
-        additive = torch.zeros(packed["allowed"].shape, dtype=dtype, device=packed["allowed"].device)
-        additive.masked_fill_(~packed["allowed"], torch.finfo(dtype).min)
-        seq_index = packed["seq_index"]
+        additive = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
+        additive.masked_fill_(~packed.allowed, torch.finfo(dtype).min)
+        seq_index, prompt_mask = packed.seq_index, packed.prompt_target_mask
         scored = seq_index >= 0
-        if "prompt_target_mask" in packed:
-            scored = scored | packed["prompt_target_mask"]
         values = token_logps(
             model,
-            packed["input_ids"],
+            packed.input_ids,
             additive,
-            scored,
+            scored if prompt_mask is None else scored | prompt_mask,
             impl=self.logprob_impl,
             chunk_size=self.args.logprob_chunk_size,
-            position_ids=packed["position_ids"],
-            source_index=packed["source_index"],
+            position_ids=packed.position_ids,
+            source_index=packed.source_index,
         )
-        count = batch["input_ids"].shape[0]
-        owners = seq_index[seq_index >= 0]
-        seq = values.new_zeros(count).index_add(0, owners, values[seq_index >= 0])
-        length = torch.bincount(owners, minlength=count).float()
-        out = {"seq": seq, "len": length}
-        if "prompt_target_mask" in packed:
-            out["prompt"] = (values * packed["prompt_target_mask"]).sum(-1)
-            out["prompt_len"] = packed["prompt_target_mask"].sum(-1).float()
-        if "kl_seq" in batch:
-            out["kl"] = seq[batch["kl_seq"]]
+        count = batch.input_ids.shape[0]
+        owners = seq_index[scored]
+        seq = values.new_zeros(count).index_add(0, owners, values[scored])
+        out = LogProbs(seq, torch.bincount(owners, minlength=count).float())
+        if prompt_mask is not None:
+            out.prompt = (values * prompt_mask).sum(-1)
+            out.prompt_lengths = prompt_mask.sum(-1).float()
+        if batch.kl_seq is not None:
+            out.kl = seq[batch.kl_seq]
         return out
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict) -> dict[str, Tensor]:
+    def reference_logps(self, batch: Batch) -> LogProbs:
         """Reference log-probs of a batch: frozen model, or the policy with its adapters disabled."""
         self.reference_forwards += 1
         if self.ref_model is not None:
@@ -434,14 +464,14 @@ class UnialignTrainer(Trainer):
             chunk = [examples[i] for i in indices]
             batch = self._prepare_inputs(self.data_collator(chunk))
             ref = self.reference_logps(batch)
-            per_slot = gather_slots(ref["seq"], batch["slot_seq"]).cpu()
+            per_slot = gather_slots(ref.seq, batch.slot_seq).cpu()
             for row, (index, example) in enumerate(zip(indices, chunk)):
                 values.append(
                     (
                         index,
                         per_slot[row, : len(example.completion_ids)].tolist(),
-                        float(ref["prompt"][row]) if "prompt" in ref else None,
-                        float(ref["kl"][row]) if "kl" in ref else None,
+                        None if ref.prompt is None else float(ref.prompt[row]),
+                        None if ref.kl is None else float(ref.kl[row]),
                     )
                 )
         if world > 1:
@@ -456,6 +486,14 @@ class UnialignTrainer(Trainer):
     def release_reference_model(self) -> None:
         """Drop the separate reference model (after precomputing, nothing needs it)."""
         self.ref_model = None
+
+    # ----------------------------------------------------------------- batches and transformers.Trainer
+    def _prepare_inputs(self, inputs):
+        """A :class:`Batch` moves to the device whole; its float fields keep float32 (Trainer's own
+        preparation would cast them to DeepSpeed's dtype, rounding precomputed reference log-probs)."""
+        if isinstance(inputs, Batch):
+            return inputs.to(self.args.device)
+        return super()._prepare_inputs(inputs)
 
     # ----------------------------------------------------------------- eval and logging
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -502,12 +540,12 @@ class RowIndexCollator:
     def __init__(self, collator):
         self.collator = collator
 
-    def __call__(self, examples: list) -> dict:
-        """The wrapped collator's batch, plus ``row_index`` when every example knows its row."""
+    def __call__(self, examples: list):
+        """The wrapped collator's :class:`Batch`, with ``row_index`` set when every example knows its row."""
         batch = self.collator(examples)
         rows = [getattr(e, "row", None) for e in examples]
-        if isinstance(batch, dict) and rows and all(isinstance(r, int) for r in rows):
-            batch["row_index"] = torch.tensor(rows, dtype=torch.long)
+        if isinstance(batch, Batch) and rows and all(isinstance(r, int) for r in rows):
+            batch.row_index = torch.tensor(rows, dtype=torch.long)
         return batch
 
     def __getattr__(self, name):
@@ -525,9 +563,9 @@ def example_length(example: TokenizedExample, packed: bool) -> int:
     return len(example.prompt_ids) + max(map(len, completions), default=0)
 
 
-def describe_rows(batch: dict) -> str:
+def describe_rows(batch) -> str:
     """``", batch rows 3, 7 (dataset rows counted from 1)"`` from a batch's ``row_index``; ``""`` without one."""
-    rows = batch.get("row_index")
+    rows = getattr(batch, "row_index", None)
     if rows is None:
         return ""
     return ", batch rows " + ", ".join(str(r + 1) for r in rows.tolist()) + " (dataset rows counted from 1)"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from unialign.feedback import SLOTS
 from unialign.losses import all_methods, check_format, get_method
-from unialign.losses.base import SLOTS
 
 from .loss_testing import make_cfg
 

@@ -18,17 +18,19 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from unialign import jsonfile
-from unialign.data.converters import LISTWISE_ENDED, convert
+from unialign.data.converters import convert
 from unialign.data.errors import DataError
-from unialign.data.formats import validate_row
+from unialign.data.formats import LISTWISE_ENDED, validate_row
 from unialign.data.io import write_rows
 from unialign.data.sources import read_rows
+from unialign.feedback import FORMATS
 from unialign.generation import GenerationConfig, check_distinct_samples, generate
 from unialign.rewards.base import RewardSource
 
 logger = logging.getLogger(__name__)
 
-DERIVED_FORMATS = ("pairwise", "binary", "score", "triple", "sft", "prompt")
+# Every format but listwise is derived from the listwise rows the builder samples.
+DERIVED_FORMATS = tuple(f for f in FORMATS if f != "listwise")
 
 
 def prompt_id(row: dict[str, Any]) -> str:

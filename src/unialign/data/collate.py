@@ -14,13 +14,120 @@ sum, length) comes out exactly as in the plain layout.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from unialign.data.tokenize import TokenizedExample
 
 FEEDBACK_FIELDS = ("labels", "scores", "rewards", "ref_logps")
+
+
+def _moved(value, device, non_blocking: bool):
+    """A copy of a tensor dataclass with every tensor field on ``device`` (``None`` fields stay ``None``)."""
+    changes = {}
+    for f in dataclasses.fields(value):
+        item = getattr(value, f.name)
+        if item is not None:
+            changes[f.name] = item.to(device, non_blocking=non_blocking)
+    return dataclasses.replace(value, **changes)
+
+
+@dataclass
+class Padded:
+    """Right-padded sequences: ``(N, W)`` ids, attention mask (1 = real token) and ``target_mask``
+    (the completion tokens, whose log-probs count)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+
+
+@dataclass
+class PackedBatch:
+    """The prefix-shared layout of a :class:`Batch`, from :func:`pack_shared_prefix`.
+
+    Attributes:
+        input_ids / position_ids: ``(R, W)``, one row ``prompt + completion_1 + … + completion_K`` per example.
+        allowed: ``(R, 1, W, W)`` bool, true where a query may attend a key.
+        seq_index: ``(R, W)``, the plain sequence a scored completion token belongs to, −1 elsewhere.
+        source_index: ``(R, W)``, the column whose hidden state predicts each token.
+        prompt_target_mask: ``(R, W)`` prompt tokens after the first (when the plain batch has them).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    allowed: Tensor
+    seq_index: Tensor
+    source_index: Tensor
+    prompt_target_mask: Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
+        """The same layout on ``device``."""
+        return _moved(self, device, non_blocking)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of ``B`` rows with ``K`` completion slots, as the trainer and losses read it.
+
+    ``N`` sequences ``prompt + completion`` (one per real slot, then KTO's mismatched ones), padded.
+
+    Attributes:
+        input_ids / attention_mask / target_mask: ``(N, W)``, see :class:`Padded`.
+        slot_seq: ``(B, K)`` the sequence of each (row, slot), −1 for an empty slot.
+        kl_seq: ``(B,)`` KTO's mismatched (prompt, other completion) sequence of each row.
+        prompt_seq / prompt_target_mask: ``(B,)`` the sequence whose prompt tokens are scored, and
+            ``(N, W)`` those tokens after the first (RAO's prefix term, ORPO's NLL over the prompt).
+        labels / scores / rewards: ``(B, K)`` the rows' feedback, where every row has it (binary labels
+            as 0/1; scores normalized to [0, 1]; rewards unnormalized).
+        reward_targets: ``(B, K)`` rewards already normalized into the loss's reward space (online UNA's
+            ``r̃_φ``), set by a rollout.
+        ref_logps: ``(B, K)`` precomputed reference log-probs; ``ref_prompt_logps`` / ``ref_kl_logps``
+            ``(B,)`` their prompt and KL terms.
+        packed: the prefix-shared layout of the same sequences, once built.
+        row_index: ``(B,)`` 0-based dataset rows, for error messages.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+    slot_seq: Tensor
+    kl_seq: Tensor | None = None
+    prompt_seq: Tensor | None = None
+    prompt_target_mask: Tensor | None = None
+    labels: Tensor | None = None
+    scores: Tensor | None = None
+    rewards: Tensor | None = None
+    reward_targets: Tensor | None = None
+    ref_logps: Tensor | None = None
+    ref_prompt_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+    packed: PackedBatch | None = None
+    row_index: Tensor | None = None
+
+    @classmethod
+    def of(cls, padded: Padded, slot_seq: Tensor, **fields) -> Batch:
+        """A batch of already padded sequences."""
+        return cls(padded.input_ids, padded.attention_mask, padded.target_mask, slot_seq, **fields)
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """The same batch on ``device`` (accelerate's data loader and the trainer call this)."""
+        return _moved(self, device, non_blocking)
+
+    # transformers.Trainer reads the model inputs of a batch by key (token counts, FLOPs); only those two
+    # answer, so Trainer never mistakes the feedback ``labels`` for language-model labels.
+    _MODEL_INPUTS = ("input_ids", "attention_mask")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._MODEL_INPUTS
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._MODEL_INPUTS:
+            raise KeyError(f"{key!r}: a Batch answers only {self._MODEL_INPUTS} by key; read its fields as attributes")
+        return getattr(self, key)
 
 
 class PreferenceCollator:
@@ -31,26 +138,17 @@ class PreferenceCollator:
         num_slots: ``K``, the number of completion slots per row (the widest row for listwise).
         with_prompt_logps: also mark prompt tokens after the first one (RAO).
         with_kl_pairs: append one mismatched (prompt, other completion) sequence per row (KTO).
-        prefix_sharing: also add ``batch["packed"]``, the prefix-shared layout of the same sequences
-            (see :func:`pack_shared_prefix`), when some row has two or more of them; the trainer uses it
-            when ``prefix_sharing`` is on.
+
+    The prefix-shared layout is built by the trainer, which alone knows whether the model can use it.
     """
 
-    def __init__(
-        self,
-        pad_token_id: int,
-        num_slots: int,
-        with_prompt_logps: bool = False,
-        with_kl_pairs: bool = False,
-        prefix_sharing: bool = False,
-    ):
+    def __init__(self, pad_token_id: int, num_slots: int, with_prompt_logps: bool = False, with_kl_pairs: bool = False):
         self.pad_token_id = pad_token_id
         self.num_slots = num_slots
         self.with_prompt_logps = with_prompt_logps
         self.with_kl_pairs = with_kl_pairs
-        self.prefix_sharing = prefix_sharing
 
-    def __call__(self, examples: list[TokenizedExample]) -> dict[str, Any]:
+    def __call__(self, examples: list[TokenizedExample]) -> Batch:
         sequences, prompt_lengths = [], []
         slot_seq = torch.full((len(examples), self.num_slots), -1, dtype=torch.long)
         for row, example in enumerate(examples):
@@ -58,34 +156,32 @@ class PreferenceCollator:
                 slot_seq[row, slot] = len(sequences)
                 sequences.append(example.prompt_ids + completion)
                 prompt_lengths.append(len(example.prompt_ids))
-        batch: dict[str, Any] = {"slot_seq": slot_seq}
+        fields: dict[str, Tensor] = {}
         if self.with_kl_pairs:
-            batch["kl_seq"] = torch.arange(len(sequences), len(sequences) + len(examples))
+            fields["kl_seq"] = torch.arange(len(sequences), len(sequences) + len(examples))
             for example in examples:
                 sequences.append(example.prompt_ids + example.kl_completion_ids)
                 prompt_lengths.append(len(example.prompt_ids))
-        batch.update(pad_sequences(sequences, prompt_lengths, self.pad_token_id))
+        padded = pad_sequences(sequences, prompt_lengths, self.pad_token_id)
         if self.with_prompt_logps:
             first = slot_seq[:, 0]
-            batch["prompt_seq"] = first
-            mask = torch.zeros_like(batch["target_mask"])
+            fields["prompt_seq"] = first
+            mask = torch.zeros_like(padded.target_mask)
             for seq in first.tolist():
                 mask[seq, 1 : prompt_lengths[seq]] = True
-            batch["prompt_target_mask"] = mask
+            fields["prompt_target_mask"] = mask
         for name in FEEDBACK_FIELDS:
             values = [getattr(e, name) for e in examples]
             if all(v is not None for v in values):
-                batch[name] = slot_tensor(values, self.num_slots)
+                fields[name] = slot_tensor(values, self.num_slots)
         for name in ("ref_prompt_logps", "ref_kl_logps"):
             values = [getattr(e, name) for e in examples]
             if all(v is not None for v in values):
-                batch[name] = torch.tensor(values, dtype=torch.float32)
-        if self.prefix_sharing and has_shared_prompts(batch):
-            batch["packed"] = pack_shared_prefix(batch, self.pad_token_id)
-        return batch
+                fields[name] = torch.tensor(values, dtype=torch.float32)
+        return Batch.of(padded, slot_seq, **fields)
 
 
-def pad_sequences(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_sequences(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int) -> Padded:
     """Right-pad sequences; ``target_mask`` marks completion tokens (the tokens whose log-prob counts)."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -95,7 +191,7 @@ def pad_sequences(sequences: list[list[int]], prompt_lengths: list[int], pad_tok
         input_ids[i, : len(seq)] = torch.tensor(seq)
         attention_mask[i, : len(seq)] = 1
         target_mask[i, prompt_length : len(seq)] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+    return Padded(input_ids, attention_mask, target_mask)
 
 
 def slot_tensor(values: list[list[float]], num_slots: int) -> torch.Tensor:
@@ -106,59 +202,58 @@ def slot_tensor(values: list[list[float]], num_slots: int) -> torch.Tensor:
     return out
 
 
-def row_groups(batch: dict[str, Any]) -> list[list[int]]:
+def row_groups(batch: Batch) -> list[list[int]]:
     """The sequences of each row, in slot order (then KTO's mismatched sequence): they share one prompt."""
-    groups = [[s for s in row if s >= 0] for row in batch["slot_seq"].tolist()]
-    if "kl_seq" in batch:
-        for group, seq in zip(groups, batch["kl_seq"].tolist()):
+    groups = [[s for s in row if s >= 0] for row in batch.slot_seq.tolist()]
+    if batch.kl_seq is not None:
+        for group, seq in zip(groups, batch.kl_seq.tolist()):
             group.append(seq)
     return groups
 
 
-def has_shared_prompts(batch: dict[str, Any]) -> bool:
+def has_shared_prompts(batch: Batch) -> bool:
     """Whether some row of the batch has two or more sequences with one prompt (else packing saves nothing)."""
-    return "kl_seq" in batch or bool(((batch["slot_seq"] >= 0).sum(-1) > 1).any())
+    return batch.kl_seq is not None or bool(((batch.slot_seq >= 0).sum(-1) > 1).any())
 
 
-def split_kl_rows(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_kl_rows(batch: Batch) -> tuple[Batch, Batch]:
     """Split a batch with KTO's mismatched KL sequences into the scored sequences and the KL sequences.
 
-    Both halves are plain batches trimmed to their own longest sequence; the first keeps every key
+    Both halves are plain batches trimmed to their own longest sequence; the first keeps every field
     but ``kl_seq`` and ``packed`` (it is packed again when needed), the second has one slot per row.
     """
-    kl_seq = batch["kl_seq"]
+    kl_seq = batch.kl_seq
     first = int(kl_seq[0])
-    if kl_seq.tolist() != list(range(first, batch["input_ids"].shape[0])):
+    if kl_seq.tolist() != list(range(first, batch.input_ids.shape[0])):
         raise ValueError("KL sequences must be the last rows of the batch, as PreferenceCollator puts them")
-    main = {k: v for k, v in batch.items() if k not in ("kl_seq", "packed")}
-    rows = {"input_ids", "attention_mask", "target_mask", "prompt_target_mask"}
-    main.update(_trimmed({k: batch[k][:first] for k in rows if k in batch}))
-    kl = _trimmed({k: batch[k][first:] for k in ("input_ids", "attention_mask", "target_mask")})
-    kl["slot_seq"] = torch.arange(len(kl_seq), device=kl_seq.device)[:, None]
+    width = _width(batch.attention_mask[:first])
+    rows = ("input_ids", "attention_mask", "target_mask", "prompt_target_mask")
+    trimmed = {k: getattr(batch, k)[:first, :width] for k in rows if getattr(batch, k) is not None}
+    main = dataclasses.replace(batch, kl_seq=None, packed=None, **trimmed)
+    kl_width = _width(batch.attention_mask[first:])
+    kl = Batch(
+        *(getattr(batch, k)[first:, :kl_width] for k in rows[:3]),
+        slot_seq=torch.arange(len(kl_seq), device=kl_seq.device)[:, None],
+    )
     return main, kl
 
 
-def _trimmed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    width = int(tensors["attention_mask"].sum(-1).max())
-    return {k: v[:, :width] for k, v in tensors.items()}
+def _width(attention_mask: Tensor) -> int:
+    return int(attention_mask.sum(-1).max())
 
 
-def pack_shared_prefix(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+def pack_shared_prefix(batch: Batch, pad_token_id: int = 0) -> PackedBatch:
     """The prefix-shared layout of a plain batch: one row ``prompt + completion_1 + … + completion_K`` per example.
 
     Returns:
-        ``input_ids`` and ``position_ids`` ``(R, W)``; ``allowed`` ``(R, 1, W, W)`` bool, true where a
-        query may attend a key (causal, within the prompt or within its own completion; a padding
-        position sees only itself); ``seq_index`` ``(R, W)``: the plain sequence a scored completion
-        token belongs to, −1 elsewhere; ``source_index`` ``(R, W)``: the column whose hidden state
-        predicts each token (the prompt's last token for a completion's first token);
-        ``prompt_target_mask`` ``(R, W)`` when the plain batch has one (RAO's prompt log-probs, row
-        ``r`` = example ``r``).
+        A :class:`PackedBatch`: ``allowed`` is causal, within the prompt or within a token's own
+        completion (a padding position sees only itself); ``source_index`` is the prompt's last token
+        for a completion's first token; ``prompt_target_mask`` row ``r`` is example ``r``.
 
     Raises:
         ValueError: when the sequences grouped in one row do not start with the same prompt.
     """
-    input_ids, attention, target = batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["target_mask"].cpu()
+    input_ids, attention, target = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.target_mask.cpu()
     lengths = attention.sum(-1).tolist()
     starts = target.int().argmax(-1).tolist()  # every sequence has at least one completion token
     groups = row_groups(batch)
@@ -197,17 +292,10 @@ def pack_shared_prefix(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
     allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no empty softmax
-    device = batch["input_ids"].device
-    packed = {
-        "input_ids": packed_ids,
-        "position_ids": position_ids,
-        "allowed": allowed[:, None],
-        "seq_index": seq_index,
-        "source_index": source_index,
-    }
-    if "prompt_target_mask" in batch:
+    prompt_mask = None
+    if batch.prompt_target_mask is not None:
         prompt_mask = torch.zeros((count, width), dtype=torch.bool)
         for r, row in enumerate(rows):
             prompt_mask[r, 1 : row[4]] = True
-        packed["prompt_target_mask"] = prompt_mask
-    return {k: v.to(device) for k, v in packed.items()}
+    packed = PackedBatch(packed_ids, position_ids, allowed[:, None], seq_index, source_index, prompt_mask)
+    return packed.to(batch.input_ids.device)

@@ -2,9 +2,11 @@
 
 Every converter is a pure function ``rows -> ConversionResult``: input rows are never modified, the
 output rows use the TRL column names (docs/methods.md), and every row that cannot be used is counted in
-``ConversionResult.dropped`` under a reason (a drop is never silent). Malformed rows (a missing
-field, a non-numeric or out-of-range score, NaN rewards, lists of different lengths) raise
-:class:`~unialign.data.errors.DataError` naming the row and the field.
+``ConversionResult.dropped`` under a reason (a drop is never silent). Input rows of a feedback format
+are checked by that format's validator in :mod:`unialign.data.formats`, the one training uses, so a
+malformed row (a missing field, a non-numeric or out-of-range score, NaN rewards, lists of different
+lengths) raises the same :class:`~unialign.data.errors.DataError`, naming the row and the field, as
+loading it would. This module parses only what is its own: UltraFeedback and HelpSteer2 fields.
 
 Ranking rule used everywhere: completions are ordered by reward, highest first; equal rewards keep
 their original order (a stable sort), so on a tie the earlier completion ranks higher.
@@ -14,22 +16,35 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from unialign.data.errors import DataError
-from unialign.data.formats import ENDED_SUFFIX
+from unialign.data.formats import (
+    ENDED_SUFFIX,
+    Example,
+    check_in_range,
+    check_number,
+    check_object,
+    check_text,
+    columns_of,
+    detect_format,
+    require,
+    row_errors,
+    validate_row,
+)
+from unialign.feedback import FORMATS, rescale
 
 logger = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
-FORMATS = ("listwise", "pairwise", "binary", "score", "triple", "sft", "prompt")
-SOURCES = ("ultrafeedback", "helpsteer2") + FORMATS
-LISTWISE_ENDED = "completions" + ENDED_SUFFIX
+EXTERNAL = ("ultrafeedback", "helpsteer2")  # datasets with their own columns, parsed here
+SOURCES = EXTERNAL + FORMATS
+PAIRWISE_MODES = ("best_vs_worst", "best_vs_random")
+BINARY_MODES = ("best_worst", "threshold")
 HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence")
 UF_SCORE_RANGES = {"fine-grained_score": (1.0, 5.0), "overall_score": (1.0, 10.0)}
 
@@ -72,69 +87,32 @@ class ConversionResult:
 
 # ----------------------------------------------------------------------------------------- checks
 
-def _require(row: Any, i: int, name: str) -> Any:
-    if not isinstance(row, dict):
-        raise DataError(f"expected a dict row, got {type(row).__name__}", row=i)
-    if name not in row or row[name] is None:
-        raise DataError("missing field", row=i, field=name)
-    return row[name]
+def _examples(rows: list[Row], fmt: str, score_range: tuple[float, float] | None = None) -> list[Example]:
+    """Every row checked by the ``fmt`` validator training uses (``unialign.data.formats``)."""
+    return [validate_row(row, fmt, i, None, score_range) for i, row in enumerate(rows)]
 
 
-def _text(row: Row, i: int, name: str) -> str | list:
-    """A text field: a string, or a conversation (list of {role, content} messages)."""
-    value = _require(row, i, name)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return value
-    raise DataError("expected a string or a list of {role, content} messages, got "
-                    f"{type(value).__name__}", row=i, field=name)
+def _bounds(reward_range: Any) -> tuple[float, float]:
+    """A declared ``reward_range`` as two floats, ``low < high``, or a DataError naming the option."""
+    try:
+        rescale(0.0, reward_range)
+    except ValueError as err:
+        raise DataError(f"reward_range: {err}") from None
+    return float(reward_range[0]), float(reward_range[1])
 
 
-def _number(value: Any, i: int, name: str, bounds: tuple[float, float] | None = None) -> float:
-    """A finite float, optionally inside ``bounds`` (inclusive)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value) if isinstance(value, str) else None
-        except ValueError:
-            value = None
-        if value is None:
-            raise DataError("expected a number", row=i, field=name)
-    value = float(value)
-    if not math.isfinite(value):
-        raise DataError(f"expected a finite number, got {value}", row=i, field=name)
-    if bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise DataError(f"score {value} is outside the declared range {list(bounds)}", row=i, field=name)
-    return value
+def _nested(item: dict, key: str, where: str, err, what: str) -> Any:
+    """``item[key]`` of an object inside a column, named ``where.key`` in messages."""
+    name = f"{where}.{key}"
+    return require({name: item[key]} if key in item else {}, name, err, what)
 
 
-def _listwise_row(row: Row, i: int) -> tuple[Any, list, list[float]]:
-    """Validated (prompt, completions, rewards) of a listwise row (its ``completions_ended`` checked too)."""
-    prompt = _text(row, i, "prompt")
-    completions, rewards = _require(row, i, "completions"), _require(row, i, "rewards")
-    if not isinstance(completions, list):
-        raise DataError("expected a list", row=i, field="completions")
-    if not isinstance(rewards, list):
-        raise DataError("expected a list", row=i, field="rewards")
-    if len(completions) != len(rewards):
-        raise DataError(f"{len(completions)} completions but {len(rewards)} rewards", row=i, field="rewards")
-    for j, c in enumerate(completions):
-        _text({f"completions[{j}]": c}, i, f"completions[{j}]")
-    rewards = [_number(r, i, f"rewards[{j}]") for j, r in enumerate(rewards)]
-    ended = row.get(LISTWISE_ENDED)
-    if ended is not None and (not isinstance(ended, list) or len(ended) != len(completions)
-                              or not all(isinstance(e, bool) for e in ended)):
-        raise DataError(f"expected a list of {len(completions)} true/false values", row=i, field=LISTWISE_ENDED)
-    return prompt, completions, rewards
-
-
-def _slots(row: Row, named: dict[str, int]) -> Row:
+def _slots(example: Example, named: dict[str, int]) -> Row:
     """Output columns for listwise completions picked by index: ``{slot: text}`` plus ``{slot}_ended``
     where the listwise row says which completions ended, so an unfinished completion stays marked."""
-    ended = row.get(LISTWISE_ENDED)
-    out = {name: row["completions"][j] for name, j in named.items()}
-    if ended is not None:
-        out.update({name + ENDED_SUFFIX: ended[j] for name, j in named.items()})
+    out = {name: example.completions[j] for name, j in named.items()}
+    if example.ended is not None:
+        out.update({name + ENDED_SUFFIX: example.ended[j] for name, j in named.items()})
     return out
 
 
@@ -182,10 +160,11 @@ def ultrafeedback_to_listwise(rows: list[Row], score_field: str = "auto") -> Con
                         f"got {score_field!r}")
     out, dropped = [], Counter()
     for i, row in enumerate(rows):
-        instruction = _text(row, i, "instruction")
-        completions = _require(row, i, "completions")
+        row, err = check_object(row, i, None), row_errors(None, i)
+        instruction = check_text(require(row, "instruction", err, "UltraFeedback"), "instruction", err, role="prompt")
+        completions = require(row, "completions", err, "UltraFeedback")
         if not isinstance(completions, list):
-            raise DataError("expected a list of completions", row=i, field="completions")
+            raise err("must be a list of completions", "completions")
         if not completions:
             dropped["no completions"] += 1
             continue
@@ -193,11 +172,12 @@ def ultrafeedback_to_listwise(rows: list[Row], score_field: str = "auto") -> Con
         for j, c in enumerate(completions):
             where = f"completions[{j}]"
             if not isinstance(c, dict):
-                raise DataError("expected a dict with 'response' and a score", row=i, field=where)
-            texts.append(_text({f"{where}.response": c.get("response")}, i, f"{where}.response"))
+                raise err("must be an object with 'response' and a score", where)
+            response = _nested(c, "response", where, err, "UltraFeedback")
+            texts.append(check_text(response, f"{where}.response", err, role="completion"))
             name = f"{where}.{score_field}"
-            rewards.append(_number(_require({name: c.get(score_field)}, i, name), i, name,
-                                   UF_SCORE_RANGES[score_field]))
+            score = check_number(_nested(c, score_field, where, err, "UltraFeedback"), name, err)
+            rewards.append(check_in_range(score, UF_SCORE_RANGES[score_field], name, err, hint=""))
         out.append({"prompt": instruction, "completions": texts, "rewards": rewards})
     return _finish(out, "ultrafeedback", "listwise", dropped, UF_SCORE_RANGES[score_field])
 
@@ -211,8 +191,17 @@ def _pick_uf_field(rows: list[Row]) -> str:
 
 def helpsteer2_score(row: Row, i: int = 0) -> float:
     """HelpSteer2 score ``(0.65·helpfulness + 0.8·correctness + 0.45·coherence) / 7.6`` in [0, 1]."""
-    h, c, k = (_number(_require(row, i, a), i, a, (0.0, 4.0)) for a in HELPSTEER2_ATTRIBUTES)
+    row, err = check_object(row, i, None), row_errors(None, i)
+    h, c, k = (check_in_range(check_number(require(row, a, err, "HelpSteer2"), a, err), (0.0, 4.0), a, err, hint="")
+               for a in HELPSTEER2_ATTRIBUTES)
     return (0.65 * h + 0.8 * c + 0.45 * k) / 7.6
+
+
+def _helpsteer2_texts(row: Row, i: int) -> tuple[Any, Any]:
+    """A HelpSteer2 row's checked (prompt, response)."""
+    row, err = check_object(row, i, None), row_errors(None, i)
+    prompt = check_text(require(row, "prompt", err, "HelpSteer2"), "prompt", err, role="prompt")
+    return prompt, check_text(require(row, "response", err, "HelpSteer2"), "response", err, role="completion")
 
 
 def helpsteer2_to_score(rows: list[Row]) -> ConversionResult:
@@ -220,8 +209,10 @@ def helpsteer2_to_score(rows: list[Row]) -> ConversionResult:
 
     complexity and verbosity are not part of the formula and are not copied.
     """
-    out = [{"prompt": _text(row, i, "prompt"), "completion": _text(row, i, "response"),
-            "score": helpsteer2_score(row, i)} for i, row in enumerate(rows)]
+    out = []
+    for i, row in enumerate(rows):
+        prompt, response = _helpsteer2_texts(row, i)
+        out.append({"prompt": prompt, "completion": response, "score": helpsteer2_score(row, i)})
     return _finish(out, "helpsteer2", "score", Counter(), (0.0, 1.0))
 
 
@@ -229,9 +220,9 @@ def helpsteer2_to_listwise(rows: list[Row]) -> ConversionResult:
     """Group HelpSteer2 rows by prompt (first-seen order) into listwise rows with rewards = scores."""
     groups: dict[str, Row] = {}
     for i, row in enumerate(rows):
-        prompt = _text(row, i, "prompt")
+        prompt, response = _helpsteer2_texts(row, i)
         group = groups.setdefault(_key(prompt), {"prompt": prompt, "completions": [], "rewards": []})
-        group["completions"].append(_text(row, i, "response"))
+        group["completions"].append(response)
         group["rewards"].append(helpsteer2_score(row, i))
     return _finish(list(groups.values()), "helpsteer2", "listwise", Counter(), (0.0, 1.0))
 
@@ -258,14 +249,16 @@ def listwise_to_pairwise(rows: list[Row], mode: str = "best_vs_worst", seed: int
 
     ``best_vs_random`` (the RAO paper's UltraFeedback recipe) draws the rejected completion uniformly
     among those with a strictly lower reward, with ``random.Random(seed)`` so it is reproducible.
-    Rows with fewer than two completions, or whose rewards are all equal, are dropped and counted.
-    ``chosen_score`` / ``rejected_score`` carry the rewards.
+    A lower-reward completion whose text equals the best one's is no candidate (training refuses
+    identical pairs). Rows with fewer than two completions, whose rewards are all equal, or whose
+    lower-reward completions all repeat the best one are dropped and counted. ``chosen_score`` /
+    ``rejected_score`` carry the rewards.
     """
-    if mode not in ("best_vs_worst", "best_vs_random"):
-        raise DataError(f"mode must be 'best_vs_worst' or 'best_vs_random', got {mode!r}")
+    if mode not in PAIRWISE_MODES:
+        raise DataError(f"mode must be one of {', '.join(PAIRWISE_MODES)}; got {mode!r}")
     rng, out, dropped = random.Random(seed), [], Counter()
-    for i, row in enumerate(rows):
-        prompt, completions, rewards = _listwise_row(row, i)
+    for example in _examples(rows, "listwise"):
+        completions, rewards = example.completions, example.rewards
         if len(completions) < 2:
             dropped["fewer than 2 completions"] += 1
             continue
@@ -275,8 +268,12 @@ def listwise_to_pairwise(rows: list[Row], mode: str = "best_vs_worst", seed: int
         if not lower:
             dropped["all rewards tied"] += 1
             continue
+        lower = [j for j in lower if _key(completions[j]) != _key(completions[best])]
+        if not lower:
+            dropped["rejected identical to chosen"] += 1
+            continue
         worst = lower[-1] if mode == "best_vs_worst" else lower[rng.randrange(len(lower))]
-        out.append({"prompt": prompt, **_slots(row, {"chosen": best, "rejected": worst}),
+        out.append({"prompt": example.prompt, **_slots(example, {"chosen": best, "rejected": worst}),
                     "chosen_score": rewards[best], "rejected_score": rewards[worst]})
     return _finish(out, "listwise", "pairwise", dropped)
 
@@ -289,18 +286,17 @@ def listwise_to_binary(rows: list[Row], mode: str = "best_worst", threshold: flo
     ``best_worst``: the best completion with label True and the worst with label False; rows with
     fewer than two completions or all-equal rewards are dropped and counted.
     """
-    if mode not in ("threshold", "best_worst"):
-        raise DataError(f"mode must be 'threshold' or 'best_worst', got {mode!r}")
+    if mode not in BINARY_MODES:
+        raise DataError(f"mode must be one of {', '.join(BINARY_MODES)}; got {mode!r}")
     if mode == "threshold" and threshold is None:
         raise DataError("mode='threshold' needs a threshold")
     if mode == "best_worst":
         pairs = listwise_to_pairwise(rows, "best_vs_worst")
         return _finish(_pairs_to_binary(pairs.rows), "listwise", "binary", pairs.dropped)
     out = []
-    for i, row in enumerate(rows):
-        prompt, completions, rewards = _listwise_row(row, i)
-        out += [{"prompt": prompt, **_slots(row, {"completion": j}), "label": bool(r >= threshold)}
-                for j, r in enumerate(rewards)]
+    for example in _examples(rows, "listwise"):
+        out += [{"prompt": example.prompt, **_slots(example, {"completion": j}), "label": bool(r >= threshold)}
+                for j, r in enumerate(example.rewards)]
     return _finish(out, "listwise", "binary", Counter())
 
 
@@ -308,20 +304,14 @@ def listwise_to_score(rows: list[Row], reward_range: tuple[float, float] | None 
     """Listwise -> one score row per completion, ``score = (reward − lo) / (hi − lo)`` in [0, 1].
 
     ``reward_range`` = (lo, hi) declares the rewards' range; a reward outside it raises DataError.
-    Without a range the rewards must already lie in [0, 1] (they are then copied unchanged).
+    Without a range the rewards must already lie in [0, 1] (they are then copied unchanged). The
+    rewards are normalized by the listwise validator, as ``score_range`` does in training.
     """
-    lo, hi = reward_range if reward_range is not None else (0.0, 1.0)
-    if not hi > lo:
-        raise DataError(f"reward_range must have hi > lo, got {reward_range}")
+    bounds = _bounds(reward_range) if reward_range is not None else (0.0, 1.0)
     out = []
-    for i, row in enumerate(rows):
-        prompt, completions, rewards = _listwise_row(row, i)
-        for j, r in enumerate(rewards):
-            if not lo <= r <= hi:
-                hint = "" if reward_range is not None else "; pass reward_range=(lo, hi) to normalize"
-                raise DataError(f"reward {r} is outside the range [{lo}, {hi}]{hint}", row=i,
-                                field=f"rewards[{j}]")
-            out.append({"prompt": prompt, **_slots(row, {"completion": j}), "score": (r - lo) / (hi - lo)})
+    for example in _examples(rows, "listwise", bounds):
+        out += [{"prompt": example.prompt, **_slots(example, {"completion": j}), "score": score}
+                for j, score in enumerate(example.scores)]
     return _finish(out, "listwise", "score", Counter(), (0.0, 1.0))
 
 
@@ -334,8 +324,8 @@ def listwise_to_triple(rows: list[Row]) -> ConversionResult:
     (``"chosen and rejected tied"``), since such a pair carries no preference.
     """
     out, dropped = [], Counter()
-    for i, row in enumerate(rows):
-        prompt, completions, rewards = _listwise_row(row, i)
+    for example in _examples(rows, "listwise"):
+        completions, rewards = example.completions, example.rewards
         seen, order = set(), []
         for j in _ranking(rewards):
             if _key(completions[j]) not in seen:
@@ -348,66 +338,45 @@ def listwise_to_triple(rows: list[Row]) -> ConversionResult:
         if rewards[chosen] == rewards[rejected]:
             dropped["chosen and rejected tied"] += 1
             continue
-        out.append({"prompt": prompt, **_slots(row, {"reference": ref, "chosen": chosen, "rejected": rejected})})
+        out.append({"prompt": example.prompt,
+                    **_slots(example, {"reference": ref, "chosen": chosen, "rejected": rejected})})
     return _finish(out, "listwise", "triple", dropped)
 
 
 def listwise_to_sft(rows: list[Row]) -> ConversionResult:
-    """Listwise -> SFT rows with the best completion (earlier wins ties); empty lists are dropped."""
-    out, dropped = [], Counter()
-    for i, row in enumerate(rows):
-        prompt, completions, rewards = _listwise_row(row, i)
-        if not completions:
-            dropped["no completions"] += 1
-            continue
-        out.append({"prompt": prompt, **_slots(row, {"completion": _ranking(rewards)[0]})})
-    return _finish(out, "listwise", "sft", dropped)
+    """Listwise -> SFT rows with the best completion (earlier wins ties)."""
+    out = [{"prompt": example.prompt, **_slots(example, {"completion": _ranking(example.rewards)[0]})}
+           for example in _examples(rows, "listwise")]
+    return _finish(out, "listwise", "sft", Counter())
 
 
 def listwise_to_prompts(rows: list[Row]) -> ConversionResult:
     """Listwise -> prompt-only rows, one per input row (duplicates kept)."""
-    return _finish([{"prompt": _text(row, i, "prompt")} for i, row in enumerate(rows)],
-                   "listwise", "prompt", Counter())
+    return _to_prompts(rows, "listwise")
 
 
 def listwise_to_listwise(rows: list[Row]) -> ConversionResult:
     """Validate listwise rows and return them unchanged."""
-    for i, row in enumerate(rows):
-        _listwise_row(row, i)
+    _examples(rows, "listwise")
     return _finish(list(rows), "listwise", "listwise", Counter())
 
 
 # ------------------------------------------------------------------------------ other TRL formats
 
-_REQUIRED = {
-    "pairwise": ("prompt", "chosen", "rejected"),
-    "binary": ("prompt", "completion", "label"),
-    "score": ("prompt", "completion", "score"),
-    "triple": ("prompt", "reference", "chosen", "rejected"),
-    "sft": ("prompt", "completion"),
-    "prompt": ("prompt",),
-}
+def _to_prompts(rows: list[Row], fmt: str) -> ConversionResult:
+    """Rows of any format -> their prompts (an implicit or ``messages`` prompt made explicit)."""
+    return _finish([{"prompt": example.prompt} for example in _examples(rows, fmt)], fmt, "prompt", Counter())
 
 
-def _validate(rows: list[Row], fmt: str) -> None:
-    for i, row in enumerate(rows):
-        if fmt == "sft" and isinstance(row, dict) and "messages" in row:
-            _text(row, i, "messages")
-            continue
-        for name in _REQUIRED[fmt]:
-            if name == "label":
-                if not isinstance(_require(row, i, name), bool):
-                    raise DataError("expected a bool", row=i, field=name)
-            elif name == "score":
-                _number(_require(row, i, name), i, name)
-            else:
-                _text(row, i, name)
+def _pairs(rows: list[Row]) -> list[Row]:
+    """Validated pairwise rows with an explicit prompt (TRL's implicit-prompt rows split as training splits them)."""
+    return [{**row, "prompt": example.prompt, "chosen": example.completions[0], "rejected": example.completions[1]}
+            for row, example in zip(rows, _examples(rows, "pairwise"))]
 
 
 def pairwise_to_binary(rows: list[Row]) -> ConversionResult:
     """Pairwise -> binary: chosen with label True, rejected with label False (two rows per pair)."""
-    _validate(rows, "pairwise")
-    return _finish(_pairs_to_binary(rows), "pairwise", "binary", Counter())
+    return _finish(_pairs_to_binary(_pairs(rows)), "pairwise", "binary", Counter())
 
 
 def _pairs_to_binary(rows: list[Row]) -> list[Row]:
@@ -418,40 +387,23 @@ def _pairs_to_binary(rows: list[Row]) -> list[Row]:
 
 def pairwise_to_sft(rows: list[Row]) -> ConversionResult:
     """Pairwise -> SFT rows with the chosen completion."""
-    _validate(rows, "pairwise")
     return _finish([{"prompt": p["prompt"], "completion": p["chosen"], **_carry(p, "chosen", "completion")}
-                    for p in rows], "pairwise", "sft", Counter())
+                    for p in _pairs(rows)], "pairwise", "sft", Counter())
 
 
 # ------------------------------------------------------------------------------------ entry point
 
-def detect_format(rows: list[Row]) -> str:
-    """Name the source format of ``rows`` from the first row's columns (see ``SOURCES``)."""
+def detect_source(rows: list[Row]) -> str:
+    """Name the source format of ``rows`` (see ``SOURCES``): UltraFeedback or HelpSteer2 by their own
+    columns, else the feedback format :func:`unialign.data.formats.detect_format` finds, as training does."""
     if not rows:
         raise DataError("cannot detect the format of an empty data set; pass source=...")
-    first = rows[0]
-    if not isinstance(first, dict):
-        raise DataError(f"expected a dict row, got {type(first).__name__}", row=0)
-    cols = set(first)
-    if "instruction" in cols and "completions" in cols:
+    columns = set(check_object(rows[0], 0, None))
+    if "instruction" in columns and "completions" in columns:
         return "ultrafeedback"
-    if "response" in cols and "helpfulness" in cols:
+    if "response" in columns and "helpfulness" in columns:
         return "helpsteer2"
-    if {"completions", "rewards"} <= cols:
-        return "listwise"
-    if {"reference", "chosen", "rejected"} <= cols:
-        return "triple"
-    if {"chosen", "rejected"} <= cols:
-        return "pairwise"
-    if {"completion", "label"} <= cols:
-        return "binary"
-    if {"completion", "score"} <= cols:
-        return "score"
-    if "completion" in cols or "messages" in cols:
-        return "sft"
-    if "prompt" in cols:
-        return "prompt"
-    raise DataError(f"cannot detect the feedback format from columns {sorted(cols)}", row=0)
+    return detect_format(columns_of(rows), source="rows")
 
 
 _FROM_LISTWISE = {
@@ -473,14 +425,14 @@ def convert(rows: list[Row], to: str, source: str = "auto", **options: Any) -> C
     ``reward_range`` is given. Drop counts of every step are summed in the result.
     """
     if to not in FORMATS:
-        raise DataError(f"unknown target format {to!r}; expected one of {list(FORMATS)}")
-    source = detect_format(rows) if source == "auto" else source
+        raise DataError(f"unknown target format {to!r}; expected one of {', '.join(FORMATS)}")
+    source = detect_source(rows) if source == "auto" else source
     if source not in SOURCES:
-        raise DataError(f"unknown source format {source!r}; expected one of {list(SOURCES)}")
+        raise DataError(f"unknown source format {source!r}; expected one of {', '.join(SOURCES)}")
 
     if source == "helpsteer2" and to in ("score", "pairwise"):
         return (helpsteer2_to_score if to == "score" else helpsteer2_to_pairwise)(rows, **options)
-    if source in ("ultrafeedback", "helpsteer2"):
+    if source in EXTERNAL:
         if source == "ultrafeedback":
             first = ultrafeedback_to_listwise(rows, options.pop("score_field", "auto"))
         else:
@@ -492,13 +444,15 @@ def convert(rows: list[Row], to: str, source: str = "auto", **options: Any) -> C
         return ConversionResult(second.rows, source, to, first.dropped + second.dropped, reward_range)
     if source == "listwise":
         return _FROM_LISTWISE[to](rows, **options)
+    unused = sorted(set(options) - ({"reward_range"} if source == to else set()))
+    if unused:
+        raise DataError(f"option {unused[0]!r} does not apply to converting {source} rows to {to}")
     if source == to:
-        _validate(rows, to)
-        return _finish(list(rows), source, to, Counter())
+        bounds = _bounds(options["reward_range"]) if options.get("reward_range") is not None else None
+        _examples(rows, to, bounds)  # validated as training validates them, then returned unchanged
+        return _finish(list(rows), source, to, Counter(), bounds)
     if source == "pairwise" and to in ("binary", "sft"):
         return (pairwise_to_binary if to == "binary" else pairwise_to_sft)(rows)
     if to == "prompt":
-        _validate(rows, source)
-        prompts = [{"prompt": _text(row, i, "prompt")} for i, row in enumerate(rows)]
-        return _finish(prompts, source, to, Counter())
+        return _to_prompts(rows, source)
     raise DataError(f"no conversion from {source} to {to}; listwise rows convert to every format")

@@ -7,6 +7,7 @@ name (:mod:`unialign.data.sources` decides what a name means).
 
 from __future__ import annotations
 
+# Deferred imports: pyarrow datasets (seconds to load; needed only for the file kinds that use them).
 import json
 from pathlib import Path
 from typing import Any

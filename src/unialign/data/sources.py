@@ -22,6 +22,7 @@ tokenization path (``unialign.data.tokenized``), without turning them into Pytho
 
 from __future__ import annotations
 
+# Deferred imports: pyarrow datasets (seconds to load; resolving a source name or path needs neither).
 import hashlib
 import json
 import logging

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from unialign.data.errors import DataError, PromptTooLong
@@ -163,8 +164,6 @@ _SPECIAL_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def render(messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> str:
     """The chat template's text for ``messages``; a template that refuses them is a :class:`DataError`."""
-    from jinja2.exceptions import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     except TemplateError as err:  # e.g. a template that requires user/assistant alternation

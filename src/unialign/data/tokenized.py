@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Features, is_caching_enabled
+from datasets.fingerprint import Hasher
 
 import unialign.data.tokenize as tokenization
 from unialign.data.errors import DataError, DuplicateKey
@@ -111,8 +112,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         digest.update(backend.to_str().encode())
     else:  # a slow (Python) tokenizer: datasets' own hashing of the object
-        from datasets.fingerprint import Hasher
-
         digest.update(Hasher.hash(tokenizer).encode())
     added = sorted((int(i), str(t)) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())
     for part in (

@@ -1,8 +1,8 @@
 """The contract between the trainer and every loss.
 
 A batch of ``B`` dataset rows becomes ``B`` prompts with ``K`` completion *slots* each. The slot
-layout is fixed per feedback format (see :data:`SLOTS`); listwise rows may fill fewer than ``K``
-slots, which ``completion_mask`` records. The trainer computes the log-probs a method declares it
+layout is fixed per feedback format (see :data:`unialign.feedback.SLOTS`); listwise rows may fill
+fewer than ``K`` slots, which ``completion_mask`` records. The trainer computes the log-probs a method declares it
 needs and hands them over in a :class:`MethodInputs`; a loss is a pure function of those tensors and
 returns a :class:`LossOutput`.
 """
@@ -14,16 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
-
-# Slot order per feedback format. Losses index slots by these positions.
-SLOTS: dict[str, tuple[str, ...]] = {
-    "pairwise": ("chosen", "rejected"),
-    "triple": ("reference", "chosen", "rejected"),
-    "binary": ("completion",),
-    "score": ("completion",),
-    "sft": ("completion",),
-    "listwise": (),  # variable number of completions, masked
-}
 
 
 @dataclass
@@ -37,6 +27,8 @@ class MethodInputs:
         ref_logps: the same sums under the reference, or ``None`` when the method needs none.
         targets: per-slot explicit feedback in [0, 1] (binary labels or normalized scores).
         rewards: per-slot explicit rewards, unnormalized (reward models, judges, RAO, distill).
+        reward_targets: per-slot rewards already normalized into the loss's reward space (online
+            UNA's ``r̃_φ``; the rollout normalizes them, so losses use them as they are).
         prompt_logps / ref_prompt_logps: ``(B,)`` summed log-probs of the prompt tokens after the
             first one (RAO's prefix-consistency term, where that token ``t0`` is shared; ORPO's NLL).
         prompt_lengths: ``(B,)`` how many prompt tokens ``prompt_logps`` sums (prompt length − 1).
@@ -51,6 +43,7 @@ class MethodInputs:
     ref_logps: Tensor | None = None
     targets: Tensor | None = None
     rewards: Tensor | None = None
+    reward_targets: Tensor | None = None
     prompt_logps: Tensor | None = None
     ref_prompt_logps: Tensor | None = None
     prompt_lengths: Tensor | None = None

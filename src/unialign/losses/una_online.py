@@ -29,7 +29,7 @@ there and each completion's log-prob is pushed up when ``s_φ > 0.5`` and down w
 nothing ties the policy to ``π_ref`` across steps.
 
 The trainer puts ``log π_base`` in ``MethodInputs.ref_logps``, ``s_φ`` in ``targets`` and ``r̃_φ``
-in ``rewards``; every ``(B, K)`` slot is one sampled completion (K = ``num_generations``).
+in ``reward_targets``; every ``(B, K)`` slot is one sampled completion (K = ``num_generations``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import math
 import torch
 from torch import Tensor
 
+from unialign.feedback import rescale
 from unialign.losses.base import LossOutput, MethodInputs, masked_mean
 from unialign.losses.registry import Method, register
 from unialign.losses.una import una_reward_loss, una_score_loss
@@ -138,10 +139,10 @@ def explicit_targets(
             raise ValueError(
                 "reward_normalization 'range' needs reward_range: [low, high] or a reward source with known bounds"
             )
-        low, high = float(bounds[0]), float(bounds[1])
-        if not low < high:
-            raise ValueError(f"reward_range must be [low, high] with low < high, got {list(bounds)}")
-        scores = ((rewards - low) / (high - low)).clamp(0.0, 1.0)
+        try:
+            scores = rescale(rewards, bounds).clamp(0.0, 1.0)
+        except ValueError as err:
+            raise ValueError(f"reward_range: {err}") from None
         return scores, scores
     raise ValueError(f"reward_normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
 
@@ -181,14 +182,14 @@ def una_online_losses(
 def una_online(inputs: MethodInputs, cfg) -> LossOutput:
     """Online UNA on ``(B, K)`` sampled completions, averaged over the real slots.
 
-    ``inputs.ref_logps`` holds ``log π_base``, ``inputs.targets`` holds ``s_φ`` and ``inputs.rewards``
-    holds ``r̃_φ`` (see the module docstring).
+    ``inputs.ref_logps`` holds ``log π_base``, ``inputs.targets`` holds ``s_φ`` and
+    ``inputs.reward_targets`` holds ``r̃_φ`` (see the module docstring).
     """
-    if inputs.targets is None or inputs.rewards is None:
-        raise ValueError("una_online needs score targets (inputs.targets) and reward targets (inputs.rewards)")
+    if inputs.targets is None or inputs.reward_targets is None:
+        raise ValueError("una_online needs score targets (inputs.targets) and reward targets (inputs.reward_targets)")
     logratios = inputs.logratios()
     dtype = inputs.policy_logps.dtype
-    scores, reward_targets = inputs.targets.to(dtype), inputs.rewards.to(dtype)
+    scores, reward_targets = inputs.targets.to(dtype), inputs.reward_targets.to(dtype)
     losses = una_online_losses(logratios, scores, reward_targets, cfg.beta, cfg.una_space, cfg.una_loss)
     mask = inputs.completion_mask
     implicit = (cfg.beta * logratios).detach()

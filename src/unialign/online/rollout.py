@@ -8,6 +8,7 @@ trainer computes policy log-probs for it exactly as it does offline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unialign.data.collate import pad_sequences
+from unialign.data.collate import Batch, pad_sequences
 from unialign.data.errors import DataError, PromptTooLong
 from unialign.data.formats import detect_format, validate_row
 from unialign.data.sources import read_rows, resolve_source
@@ -138,30 +139,55 @@ def collate_prompt_indices(indices: list[int]) -> dict[str, Tensor]:
 class Rollout:
     """Sampled completions of one micro-batch of prompts, scored and laid out for the loss.
 
-    ``batch`` holds ``input_ids``, ``attention_mask``, ``target_mask``, ``slot_seq`` ``(B, K)``, and for
-    online UNA the ``(B, K)`` tensors ``ref_logps`` (the ratio's base), ``scores`` (``s_φ``) and ``rewards``
-    (``r̃_φ``); for token-level methods the ``(N, T)`` completion layout ``tok_index`` / ``tok_mask``, the
-    sampling policy's ``old_tok_logps`` and ``tok_entropy``, ``ref_tok_logps`` when a reference is needed,
-    and what the method's ``advantages`` estimator returned (``advantages``; PPO also ``returns``, ``old_values``).
+    ``batch`` holds the sequences with ``slot_seq`` ``(B, K)``; for online UNA also the ``(B, K)`` tensors
+    ``ref_logps`` (the ratio's base), ``scores`` (``s_φ``), ``rewards`` (the raw rewards) and ``reward_targets``
+    (``r̃_φ``); for token-level methods it is a :class:`TokenBatch`.
     ``metrics`` are logged once per rollout; ``passes`` counts the optimizer passes made over it.
     """
 
     key: tuple[int, ...]
-    batch: dict[str, Tensor]
+    batch: Batch
     metrics: dict[str, Tensor] = field(default_factory=dict)
     passes: int = 0
 
 
+@dataclass
+class TokenBatch(Batch):
+    """A rollout's :class:`Batch` with what the token-level methods (PPO, GRPO, RLOO) read, all ``(N, T)``
+    in the completion layout unless said otherwise.
+
+    Attributes:
+        tok_index / tok_mask: the columns of each sequence's completion tokens, left-aligned, and their mask.
+        old_tok_logps / tok_entropy: the sampling policy's log-probs of those tokens and its entropy there.
+        ref_tok_logps: the reference's log-probs (when the method needs a reference).
+        advantages: ``(N,)`` or ``(N, T)``, from the method's estimator; ``returns`` / ``old_values`` for PPO.
+    """
+
+    tok_index: Tensor | None = None
+    tok_mask: Tensor | None = None
+    old_tok_logps: Tensor | None = None
+    tok_entropy: Tensor | None = None
+    ref_tok_logps: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+    old_values: Tensor | None = None
+
+    @classmethod
+    def extend(cls, batch: Batch) -> TokenBatch:
+        """``batch``'s fields in a :class:`TokenBatch` (the token fields still unset)."""
+        return cls(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)})
+
+
 def rollout_sequences(
     prompt_ids: list[list[int]], completions: list[list[list[int]]], pad_token_id: int
-) -> dict[str, Tensor]:
+) -> Batch:
     """Pad ``prompt + completion`` for every sample; sample ``j`` of prompt ``i`` is sequence ``i·K + j``.
 
     Args:
         prompt_ids: ``B`` prompts as token ids.
         completions: for each prompt, its ``K`` completions as token ids (EOS included when sampled).
     Returns:
-        ``input_ids``, ``attention_mask``, ``target_mask`` (completion tokens) and ``slot_seq`` ``(B, K)``.
+        The padded sequences with ``slot_seq`` ``(B, K)``; no feedback yet.
     """
     k = len(completions[0])
     if any(len(c) != k for c in completions):
@@ -171,6 +197,5 @@ def rollout_sequences(
         for sample in samples:
             sequences.append(ids + sample)
             lengths.append(len(ids))
-    batch = pad_sequences(sequences, lengths, pad_token_id)
-    batch["slot_seq"] = torch.arange(len(sequences)).view(len(prompt_ids), k)
-    return batch
+    slot_seq = torch.arange(len(sequences)).view(len(prompt_ids), k)
+    return Batch.of(pad_sequences(sequences, lengths, pad_token_id), slot_seq)

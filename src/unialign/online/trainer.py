@@ -19,6 +19,7 @@ so a run directory looks like an offline one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from unialign.data.collate import Batch
 from unialign.generation import Generation, GenerationConfig, check_backend, completion_ids, generate_from_ids
 from unialign.losses.base import masked_mean
 from unialign.losses.policy_gradient import RolloutSignals, TokenInputs
@@ -44,6 +46,7 @@ from unialign.online.rollout import (
     PromptRecord,
     RepeatedChunkSampler,
     Rollout,
+    TokenBatch,
     collate_prompt_indices,
     prepare_prompts,
     rollout_sequences,
@@ -147,7 +150,7 @@ class OnlineTrainer(UnialignTrainer):
             del self._rollouts[key]
         return loss
 
-    def _minibatch(self, batch: dict, passes_made: int) -> dict:
+    def _minibatch(self, batch: Batch, passes_made: int) -> Batch:
         """The rows of the rollout this pass trains on: minibatch ``passes_made mod minibatches``.
 
         Minibatches are contiguous blocks of whole prompts (all ``num_generations`` samples of a prompt
@@ -156,7 +159,7 @@ class OnlineTrainer(UnialignTrainer):
         _, minibatches = self.method.passes(self.args)
         if minibatches <= 1:
             return batch
-        prompts = batch["slot_seq"].shape[0]
+        prompts, k = batch.slot_seq.shape
         if minibatches > prompts:
             raise ValueError(
                 f"config key 'num_mini_batches' ({minibatches}) is larger than the {prompts} prompts of a micro-batch "
@@ -164,13 +167,19 @@ class OnlineTrainer(UnialignTrainer):
             )
         part = passes_made % minibatches
         bounds = torch.linspace(0, prompts, minibatches + 1).round().long().tolist()
-        k = batch["slot_seq"].shape[1]
-        rows = torch.arange(bounds[part] * k, bounds[part + 1] * k, device=batch["input_ids"].device)
-        count = batch["input_ids"].shape[0]
-        picked = {key: value[rows] for key, value in batch.items()
-                  if isinstance(value, torch.Tensor) and key != "slot_seq" and value.shape[:1] == (count,)}
-        picked["slot_seq"] = torch.arange(len(rows), device=rows.device).view(-1, k)
-        return picked
+        rows = torch.arange(bounds[part] * k, bounds[part + 1] * k, device=batch.input_ids.device)
+        prompt_rows = torch.arange(bounds[part], bounds[part + 1], device=rows.device)
+        count = batch.input_ids.shape[0]
+        changes = {"slot_seq": torch.arange(len(rows), device=rows.device).view(-1, k), "packed": None}
+        for f in dataclasses.fields(batch):
+            value = getattr(batch, f.name)
+            if f.name in changes or not isinstance(value, torch.Tensor):
+                continue
+            if value.shape[:1] == (count,):
+                changes[f.name] = value[rows]
+            elif value.shape[:1] == (prompts,):  # per-row fields such as row_index
+                changes[f.name] = value[prompt_rows]
+        return dataclasses.replace(batch, **changes)
 
     def _sample(self, model, prompt_ids: list[list[int]]) -> list[list[Generation]]:
         """Sample ``num_generations`` completions per prompt from the current policy with the configured backend."""
@@ -222,11 +231,12 @@ class OnlineTrainer(UnialignTrainer):
         )
         batch = self._prepare_inputs(sequences)
         if self.method.token_level:
+            batch = TokenBatch.extend(batch)
             metrics, signal_name, signal = self._token_rollout(model, batch, penalized.view(len(records), k))
         else:
-            metrics, signal_name, signal = self._una_rollout(model, batch, penalized, len(records))
+            metrics, signal_name, signal = self._una_rollout(model, batch, raw, penalized, len(records))
 
-        lengths = batch["target_mask"].sum(-1).float()
+        lengths = batch.target_mask.sum(-1).float()
         metrics |= {
             "reward": raw.mean(),
             "reward_std": raw.std() if raw.numel() > 1 else torch.zeros(()),
@@ -243,7 +253,7 @@ class OnlineTrainer(UnialignTrainer):
         self._log_completions(prompts, texts, raw.tolist(), per_source, signal_name, signal)
         return Rollout(tuple(indices), batch, metrics)
 
-    def _una_rollout(self, model, batch: dict, penalized, num_prompts: int):
+    def _una_rollout(self, model, batch: Batch, raw, penalized, num_prompts: int):
         """Online UNA's rollout: ``log π_base`` and the explicit targets ``s_φ``, ``r̃_φ`` per slot."""
         cfg = self.args
         start = time.perf_counter()
@@ -255,16 +265,17 @@ class OnlineTrainer(UnialignTrainer):
             bounds=self.bounds,
             moments=self.moments,
         )
-        slot_seq = batch["slot_seq"]
-        ref = gather_slots(self.reference_logps(batch)["seq"], slot_seq)
+        slot_seq = batch.slot_seq
+        ref = gather_slots(self.reference_logps(batch).seq, slot_seq)
         rollout_logps = None
         if cfg.ratio_base == "rollout":
             with _eval_mode(model):
-                rollout_logps = gather_slots(self._logps(model, batch)["seq"], slot_seq)
-        batch["ref_logps"] = ratio_base_logps(cfg.ratio_base, ref, rollout_logps)
+                rollout_logps = gather_slots(self._logps(model, batch).seq, slot_seq)
+        batch.ref_logps = ratio_base_logps(cfg.ratio_base, ref, rollout_logps)
         device = slot_seq.device
-        batch["scores"] = scores.view(num_prompts, -1).to(device)
-        batch["rewards"] = reward_targets.view(num_prompts, -1).to(device)
+        batch.scores = scores.view(num_prompts, -1).to(device)
+        batch.rewards = raw.view(num_prompts, -1).to(device)
+        batch.reward_targets = reward_targets.view(num_prompts, -1).to(device)
         self._timers["reference"] += time.perf_counter() - start
         metrics = {}
         if rollout_logps is not None:
@@ -272,24 +283,24 @@ class OnlineTrainer(UnialignTrainer):
         targets = scores if cfg.una_space == "score" else reward_targets
         return metrics, "target", targets.tolist()
 
-    def _token_rollout(self, model, batch: dict, rewards):
+    def _token_rollout(self, model, batch: TokenBatch, rewards):
         """PPO/GRPO/RLOO's rollout: per-token log-probs (policy, reference), values, then the method's advantages."""
         cfg = self.args
-        index, mask = completion_layout(batch["target_mask"])
-        batch["tok_index"], batch["tok_mask"] = index, mask
+        index, mask = completion_layout(batch.target_mask)
+        batch.tok_index, batch.tok_mask = index, mask
 
         start = time.perf_counter()
         with _eval_mode(model):
             old, entropy = logps_and_entropy(model, batch, index, mask, cfg.temperature,
                                              rows=cfg.per_device_train_batch_size * cfg.num_generations)
-        batch["old_tok_logps"], batch["tok_entropy"] = old, entropy
+        batch.old_tok_logps, batch.tok_entropy = old, entropy
         self._timers["old_logps"] += time.perf_counter() - start
 
         ref = None
         if self.method.needs_reference:
             start = time.perf_counter()
             ref = self.reference_token_logps(batch)
-            batch["ref_tok_logps"] = ref
+            batch.ref_tok_logps = ref
             self._timers["reference"] += time.perf_counter() - start
 
         values = None
@@ -302,7 +313,8 @@ class OnlineTrainer(UnialignTrainer):
         signals = RolloutSignals(rewards=rewards.to(old.device), mask=mask, old_logps=old, ref_logps=ref,
                                  values=values)
         tensors, metrics = self.method.advantages(signals, cfg)
-        batch.update(tensors)
+        for name, value in tensors.items():
+            setattr(batch, name, value)
         metrics = dict(metrics)
         metrics["entropy"] = masked_mean(entropy, mask)
         if ref is not None:
@@ -313,7 +325,7 @@ class OnlineTrainer(UnialignTrainer):
         return metrics, "advantage", advantages.tolist()
 
     @torch.no_grad()
-    def reference_token_logps(self, batch: dict):
+    def reference_token_logps(self, batch: TokenBatch):
         """``(N, T)`` reference log-probs of the completion tokens: frozen model or adapters disabled."""
         self.reference_forwards += 1
         if self.ref_model is not None:
@@ -326,9 +338,9 @@ class OnlineTrainer(UnialignTrainer):
         with _eval_mode(self.model), policy.disable_adapter():
             return self._completion_logps(self.model, batch)
 
-    def _completion_logps(self, model, batch: dict):
+    def _completion_logps(self, model, batch: TokenBatch):
         """``(N, T)`` tempered log-probs of the completion tokens under ``model`` (with gradient when enabled)."""
-        logps, _ = logps_and_entropy(model, batch, batch["tok_index"], batch["tok_mask"], self.args.temperature,
+        logps, _ = logps_and_entropy(model, batch, batch.tok_index, batch.tok_mask, self.args.temperature,
                                      entropy=False)
         return logps
 
@@ -346,7 +358,7 @@ class OnlineTrainer(UnialignTrainer):
         self.completions_log.write(rows)
 
     # ----------------------------------------------------------------- loss
-    def method_inputs(self, model, batch: dict):
+    def method_inputs(self, model, batch: Batch):
         """The offline trainer's inputs; on a rollout's first pass (reference base) also the KL estimate.
 
         Token-level methods get a :class:`~unialign.losses.policy_gradient.TokenInputs`: this pass's
@@ -361,21 +373,21 @@ class OnlineTrainer(UnialignTrainer):
             self._store_metrics({"kl": kl}, "train")
         return inputs
 
-    def _token_inputs(self, model, batch: dict) -> TokenInputs:
-        mask = batch["tok_mask"]
+    def _token_inputs(self, model, batch: TokenBatch) -> TokenInputs:
+        mask = batch.tok_mask
         values = None
         if self.value_model is not None:
-            values = self.value_model.completion_values(batch, batch["tok_index"], mask)
+            values = self.value_model.completion_values(batch, batch.tok_index, mask)
         return TokenInputs(
             logps=self._completion_logps(model, batch),
             mask=mask,
-            old_logps=batch["old_tok_logps"],
-            advantages=batch["advantages"],
-            ref_logps=batch.get("ref_tok_logps"),
+            old_logps=batch.old_tok_logps,
+            advantages=batch.advantages,
+            ref_logps=batch.ref_tok_logps,
             values=values,
-            old_values=batch.get("old_values"),
-            returns=batch.get("returns"),
-            entropy=batch.get("tok_entropy"),
+            old_values=batch.old_values,
+            returns=batch.returns,
+            entropy=batch.tok_entropy,
         )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

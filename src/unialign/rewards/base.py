@@ -23,13 +23,6 @@ class RewardSource(ABC):
     def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
         """One reward per (prompt, completion) pair; both lists have the same length."""
 
-    def normalize(self, rewards: list[float]) -> list[float]:
-        """Map rewards into [0, 1] with ``bounds``; raises ValueError for an unbounded source."""
-        if self.bounds is None:
-            raise ValueError(f"reward source {self.name!r} has no bounds; normalize with a shift and scale")
-        lo, hi = self.bounds
-        return [min(1.0, max(0.0, (r - lo) / (hi - lo))) for r in rewards]
-
 
 def prompt_text(prompt: Prompt) -> str:
     """The text a grader should read: the prompt itself, or a conversation's last user message."""

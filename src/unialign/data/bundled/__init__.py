@@ -10,9 +10,10 @@ from typing import Any
 from unialign.data.converters import convert
 from unialign.data.errors import DataError
 from unialign.data.io import read_jsonl
+from unialign.feedback import FORMATS as FEEDBACK_FORMATS
 
 FOLDER = Path(__file__).parent
-FORMATS = ("listwise", "pairwise", "binary", "score", "triple", "sft", "prompt", "prompts")
+FORMATS = (*FEEDBACK_FORMATS, "prompts")  # "prompts": another name for the prompt-only rows
 SPLITS = ("train", "test")
 
 
