@@ -23,13 +23,13 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from unialign.data.collate import Batch
+from unialign.evaluate import eval_mode
 from unialign.generation import Generation, GenerationConfig, check_backend, completion_ids, generate_from_ids
 from unialign.losses.base import masked_mean
 from unialign.losses.policy_gradient import RolloutSignals, TokenInputs
@@ -269,7 +269,7 @@ class OnlineTrainer(UnialignTrainer):
         ref = gather_slots(self.reference_logps(batch).seq, slot_seq)
         rollout_logps = None
         if cfg.ratio_base == "rollout":
-            with _eval_mode(model):
+            with eval_mode(model):
                 rollout_logps = gather_slots(self._logps(model, batch).seq, slot_seq)
         batch.ref_logps = ratio_base_logps(cfg.ratio_base, ref, rollout_logps)
         device = slot_seq.device
@@ -290,7 +290,7 @@ class OnlineTrainer(UnialignTrainer):
         batch.tok_index, batch.tok_mask = index, mask
 
         start = time.perf_counter()
-        with _eval_mode(model):
+        with eval_mode(model):
             old, entropy = logps_and_entropy(model, batch, index, mask, cfg.temperature,
                                              rows=cfg.per_device_train_batch_size * cfg.num_generations)
         batch.old_tok_logps, batch.tok_entropy = old, entropy
@@ -306,7 +306,7 @@ class OnlineTrainer(UnialignTrainer):
         values = None
         if self.method.needs_value_model:
             start = time.perf_counter()
-            with _eval_mode(self.value_model):
+            with eval_mode(self.value_model):
                 values = self.value_model.completion_values(batch, index, mask)
             self._timers["value"] += time.perf_counter() - start
 
@@ -335,7 +335,7 @@ class OnlineTrainer(UnialignTrainer):
             raise RuntimeError(
                 f"{self.method.name} needs a reference, but there is no reference model and no PEFT adapter to disable"
             )
-        with _eval_mode(self.model), policy.disable_adapter():
+        with eval_mode(self.model), policy.disable_adapter():
             return self._completion_logps(self.model, batch)
 
     def _completion_logps(self, model, batch: TokenBatch):
@@ -439,17 +439,6 @@ class OnlineTrainer(UnialignTrainer):
 
 
 OnlineUnaTrainer = OnlineTrainer  # the name from before PPO, GRPO and RLOO joined
-
-
-@contextmanager
-def _eval_mode(model):
-    """``model`` in eval mode for the block (no dropout), its mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def completion_layout(target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
