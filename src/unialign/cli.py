@@ -1,9 +1,10 @@
 """``unialign`` command line: train, methods, data, eval, plot, demo."""
 
-from __future__ import annotations
-
 # Deferred imports: unialign torch (each command loads only what it runs: `unialign methods` or a
 # mistyped option must answer without waiting seconds for torch and transformers).
+
+from __future__ import annotations
+
 import argparse
 import logging
 import os

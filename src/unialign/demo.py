@@ -14,9 +14,10 @@ trained on samples: greedy decoding shows only the mode, which barely moves in 3
 samples per prompt halve the variance of the measured difference.
 """
 
+# Deferred imports: unialign torch (the demo is reached through the CLI, which stays cheap to start).
+
 from __future__ import annotations
 
-# Deferred imports: unialign torch (the demo is reached through the CLI, which stays cheap to start).
 import time
 from pathlib import Path
 

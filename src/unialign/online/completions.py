@@ -8,6 +8,7 @@ and a wandb run is active, logged as a ``completions`` table (TRL's ``log_comple
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ class CompletionsLog:
     @staticmethod
     def _to_wandb(rows: list[dict[str, Any]]) -> None:
         try:
-            import wandb
+            import wandb  # optional: the table goes to wandb only where it is installed
         except ImportError:
             return
         if wandb.run is None:
@@ -77,7 +78,6 @@ class CompletionsLog:
 
 def jsonfile_step(line: str) -> int:
     """The ``step`` of one completions.jsonl line (a line without one counts as step 0)."""
-    import json
 
     try:
         return int(json.loads(line).get("step", 0))

@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from unialign.data.collate import Batch
@@ -40,6 +41,7 @@ from unialign.losses.una_online import (
     explicit_targets,
     ratio_base_logps,
 )
+from unialign.models import load_tokenizer, resolve_model_path
 from unialign.online.completions import CompletionsLog, completion_rows
 from unialign.online.rollout import (
     PreparedPrompts,
@@ -51,6 +53,8 @@ from unialign.online.rollout import (
     prepare_prompts,
     rollout_sequences,
 )
+from unialign.online.value import build_value_model
+from unialign.online.vllm_backend import VLLMGenerator, check_vllm_setup
 from unialign.rewards.base import RewardSource
 from unialign.rewards.sources import WeightedReward, load_weighted_reward
 from unialign.run import MetricsFileCallback, build_models, run_training
@@ -192,8 +196,6 @@ class OnlineTrainer(UnialignTrainer):
         return self._vllm.generate(prompt_ids, self.sampling, self.processing_class)
 
     def _start_vllm(self):
-        from unialign.models import resolve_model_path
-        from unialign.online.vllm_backend import VLLMGenerator, check_vllm_setup
 
         cfg = self.args
         stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
@@ -394,7 +396,6 @@ class OnlineTrainer(UnialignTrainer):
         """Trainer's optimizer and scheduler files; a value model's weights go beside them."""
         super()._save_optimizer_and_scheduler(output_dir)
         if self.value_model is not None and self.args.should_save:
-            from safetensors.torch import save_file
 
             state = {k: v.detach().contiguous().cpu() for k, v in self.value_model.state_dict().items()}
             save_file(state, str(Path(output_dir) / VALUE_WEIGHTS))
@@ -404,7 +405,6 @@ class OnlineTrainer(UnialignTrainer):
         if checkpoint is not None and self.value_model is not None:
             path = Path(checkpoint) / VALUE_WEIGHTS
             if path.is_file():
-                from safetensors.torch import load_file
 
                 self.value_model.load_state_dict(load_file(str(path), device=str(self.accelerator.device)))
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -567,7 +567,6 @@ def train_online(cfg, reward: RewardSource | None = None):
     Returns:
         A :class:`~unialign.run.TrainResult`.
     """
-    from unialign.models import load_tokenizer
 
     method = get_method(cfg.loss_type).for_config(cfg)
     if cfg.dataset is None:
@@ -585,7 +584,6 @@ def train_online(cfg, reward: RewardSource | None = None):
     policy, reference = build_models(cfg, method)
     value_model = None
     if method.needs_value_model:
-        from unialign.online.value import build_value_model
 
         value_model = build_value_model(cfg)
     output_dir = Path(cfg.output_dir)

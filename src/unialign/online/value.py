@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from unialign.models import apply_lora, disable_dropout, load_model
+
 
 class ValueModel(nn.Module):
     """Per-position values of a sequence-classification model (possibly a PEFT model around one)."""
@@ -42,7 +44,6 @@ class ValueModel(nn.Module):
 
 def build_value_model(cfg) -> ValueModel:
     """The value model for ``cfg``: ``value_model_name_or_path`` or the policy's checkpoint, LoRA when ``use_peft``."""
-    from unialign.models import apply_lora, disable_dropout, load_model
 
     model = load_model(
         cfg.value_model_name_or_path or cfg.model_name_or_path,

@@ -9,6 +9,8 @@ Scope: one training process per engine (``world_size`` 1). Tensor-parallel engin
 FSDP parameter gathering are not handled; :func:`check_vllm_setup` refuses those setups by name.
 """
 
+# Deferred imports: vllm (an optional engine, imported only when generation_backend is vllm).
+
 from __future__ import annotations
 
 import os

@@ -47,6 +47,8 @@ rambling score near zero even when the embedding is close or a number happens to
 Scores are rounded to 6 decimals (cosines to 4) so that batch composition cannot change them.
 """
 
+# Deferred imports: torch transformers (only the embedding term needs them; the rule terms run without).
+
 from __future__ import annotations
 
 import ast

@@ -12,7 +12,11 @@ import re
 
 import torch
 
+from unialign.data.tokenize import encode_completion, encode_prompt
+from unialign.generation import GenerationConfig, generate
+from unialign.models import load_model, load_tokenizer
 from unialign.rewards.base import Prompt, RewardSource, check_lengths, prompt_text
+from unialign.rewards.offline_judge import OfflineJudge
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,6 @@ class RewardModel(RewardSource):
     """A sequence-classification checkpoint scoring (prompt, completion) with its own tokenizer and chat template."""
 
     def __init__(self, path: str, batch_size: int = 8, trust_remote_code: bool = False):
-        from unialign.models import load_model, load_tokenizer
 
         self.name, self.bounds, self.batch_size = f"reward-model:{path}", None, batch_size
         self.tokenizer = load_tokenizer(path, trust_remote_code)
@@ -56,7 +59,6 @@ class RewardModel(RewardSource):
         read at that EOS, so a template's trailing newline after the end-of-turn token must not be
         appended here.
         """
-        from unialign.data.tokenize import encode_completion, encode_prompt
 
         if not getattr(self.tokenizer, "chat_template", None):
             prompt = prompt_text(prompt)  # no template: the plain text of the last user turn
@@ -104,7 +106,6 @@ class LLMJudge(RewardSource):
         batch_size: int = 8,
         trust_remote_code: bool = False,
     ):
-        from unialign.models import load_model, load_tokenizer
 
         self.name, self.bounds, self.template, self.batch_size = f"llm-judge:{model}", bounds, template, batch_size
         self.tokenizer = load_tokenizer(model, trust_remote_code)
@@ -112,7 +113,6 @@ class LLMJudge(RewardSource):
         self.unparseable = 0
 
     def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
-        from unialign.generation import GenerationConfig, generate
 
         check_lengths(prompts, completions)
         questions = [
@@ -224,7 +224,6 @@ def load_reward(spec: str | RewardSource) -> RewardSource:
         raise ValueError(f"a reward spec must be a string or a list of {{source, weight}}, got {spec!r}")
     kind, _, rest = spec.partition(":")
     if kind == "offline":
-        from unialign.rewards.offline_judge import OfflineJudge
 
         return OfflineJudge()
     if kind == "callable":
