@@ -47,6 +47,7 @@ def test_moved_harness_commands_say_where_they_went_without_importing_them(capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and where in err[0] and "moved out of the package" in err[0]
     code = ("import sys; from unialign.cli import main; main(['bench']); main(['experiment', 'run', 'x'])\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'tools', 'trl', 'psutil')))")
+            "heavy = ('benchmarks', 'tools', 'trl', 'psutil', 'torch', 'transformers')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

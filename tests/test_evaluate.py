@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import conversation
+from unialign.cli import add_eval_arguments
 from unialign.data.tokenize import encode_completion, encode_prompt
 from unialign.evaluate import (
-    add_eval_arguments,
     compare,
     completion_logps,
     evaluate,

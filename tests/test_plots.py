@@ -8,6 +8,7 @@ import json
 import pytest
 
 from unialign import plots
+from unialign.cli import add_plot_arguments
 
 PNG_MAGIC = b"\x89PNG"
 
@@ -83,6 +84,6 @@ def test_plot_comparison_and_cli(tmp_path, capsys):
     assert _is_png(out)
 
     _write_metrics(tmp_path / "run", [_train_row(1), _train_row(2)])
-    args = plots.add_plot_arguments(argparse.ArgumentParser()).parse_args([str(tmp_path / "run")])
+    args = add_plot_arguments(argparse.ArgumentParser()).parse_args([str(tmp_path / "run")])
     assert plots.run_plot_cli(args) == 0
     assert "loss.png" in capsys.readouterr().out

@@ -152,9 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(func=_data_build)
 
-    from unialign.evaluate import add_eval_arguments, run_eval_cli
-    from unialign.plots import add_plot_arguments, run_plot_cli
-
     evaluate = sub.add_parser(
         "eval",
         help="compare a trained model with its reference under a judge",
@@ -162,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         "win/tie/loss, KL estimate, lengths and implicit-reward accuracy.",
     )
     add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval_cli)
+    evaluate.set_defaults(func=_eval)
 
     plot = sub.add_parser("plot", help="draw a run's training curves into RUN_DIR/plots")
     add_plot_arguments(plot)
-    plot.set_defaults(func=run_plot_cli)
+    plot.set_defaults(func=_plot)
 
     demo = sub.add_parser("demo", help="align the embedded SmolLM2-135M-Instruct with UNA-score and evaluate it")
     demo.add_argument("--output-dir", default="runs/demo")
@@ -196,6 +193,54 @@ def _overrides(items: list[str]) -> dict:
     from unialign.config import parse_overrides
 
     return parse_overrides(items)
+
+
+def _eval(args) -> int:
+    from unialign.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def _plot(args) -> int:
+    from unialign.plots import run_plot_cli
+
+    return run_plot_cli(args)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``unialign eval`` arguments (the fields :func:`unialign.evaluate.run_eval_cli` reads) to ``parser``."""
+    parser.add_argument("model", help="trained model folder or run directory (its model/ folder is used)")
+    parser.add_argument("--reference", default=None,
+                        help="reference model (default: the one named in the run's config.json)")
+    from unialign.data.bundled import EVAL_PROMPTS
+
+    parser.add_argument("--prompts", default=EVAL_PROMPTS,
+                        help="rows with a `prompt` column: file, datasets folder or bundled:prompts[:split] "
+                        f"(default: {EVAL_PROMPTS}, the held-out prompts)")
+    parser.add_argument("--judge", default="offline",
+                        help="reward source: offline | callable:module:function | reward-model:PATH")
+    parser.add_argument("--out", default=None,
+                        help="folder for eval.json and eval.md (default: <run dir>/eval or ./eval)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per completion")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy; 1 makes the KL estimate unbiased")
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="completions per prompt from each model (more than 1 needs --temperature > 0)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (and pairs)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation and scoring batch")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="β of the implicit reward β·log(π/π_ref) (default: the run's beta, else 0.1)")
+    parser.add_argument("--pairs", default=None,
+                        help="optional prompt/chosen/rejected rows for implicit-reward accuracy, "
+                        "e.g. bundled:pairwise:test")
+    return parser
+
+
+def add_plot_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``unialign plot`` argument (``run_dir``) to ``parser``."""
+    parser.add_argument("run_dir", help="training run directory holding metrics.jsonl; figures go to run_dir/plots")
+    return parser
+
 
 
 def _methods(args) -> int:

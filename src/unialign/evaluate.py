@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from unialign import jsonfile
+from unialign.data.bundled import EVAL_PROMPTS
 from unialign.data.collate import pad_sequences
 from unialign.data.errors import DataError
 from unialign.data.formats import ENDED_SUFFIX, validate_row
@@ -27,13 +28,10 @@ from unialign.data.sources import read_rows
 from unialign.data.tokenize import encode_completions, encode_prompt
 from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
-from unialign.models import load_model, load_tokenizer
 from unialign.rewards.base import RewardSource
-from unialign.rewards.sources import load_reward
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = "bundled:prompts:test"
 DEFAULT_BETA = 0.1
 
 
@@ -463,7 +461,7 @@ def default_reference(model_path: str) -> str:
 def evaluate_paths(
     model_path: str,
     reference_path: str | None = None,
-    prompts_source: str = DEFAULT_PROMPTS,
+    prompts_source: str = EVAL_PROMPTS,
     reward: str | RewardSource = "offline",
     out: str | Path | None = None,
     *,
@@ -486,6 +484,9 @@ def evaluate_paths(
 
     Settings, prompts and pairs are checked before any model loads.
     """
+    # Here, not at the top: `unialign eval --help` builds its parser from this module, without transformers.
+    from unialign.models import load_model, load_tokenizer
+    from unialign.rewards.sources import load_reward
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1; got {limit}")
@@ -536,33 +537,6 @@ def write_report(report: EvalReport, out: str | Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``unialign eval`` arguments (the fields :func:`run_eval_cli` reads) to ``parser``."""
-    parser.add_argument("model", help="trained model folder or run directory (its model/ folder is used)")
-    parser.add_argument("--reference", default=None,
-                        help="reference model (default: the one named in the run's config.json)")
-    parser.add_argument("--prompts", default=DEFAULT_PROMPTS,
-                        help="rows with a `prompt` column: file, datasets folder or bundled:prompts[:split] "
-                        f"(default: {DEFAULT_PROMPTS}, the held-out prompts)")
-    parser.add_argument("--judge", default="offline",
-                        help="reward source: offline | callable:module:function | reward-model:PATH")
-    parser.add_argument("--out", default=None,
-                        help="folder for eval.json and eval.md (default: <run dir>/eval or ./eval)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per completion")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy; 1 makes the KL estimate unbiased")
-    parser.add_argument("--samples-per-prompt", type=int, default=1,
-                        help="completions per prompt from each model (more than 1 needs --temperature > 0)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (and pairs)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation and scoring batch")
-    parser.add_argument("--beta", type=float, default=None,
-                        help="β of the implicit reward β·log(π/π_ref) (default: the run's beta, else 0.1)")
-    parser.add_argument("--pairs", default=None,
-                        help="optional prompt/chosen/rejected rows for implicit-reward accuracy, "
-                        "e.g. bundled:pairwise:test")
-    return parser
-
-
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Run ``unialign eval`` from parsed arguments; prints the summary and returns 0.
 
@@ -598,7 +572,6 @@ __all__ = [
     "PairStats",
     "SideStats",
     "WinTieLoss",
-    "add_eval_arguments",
     "compare",
     "evaluate",
     "evaluate_paths",

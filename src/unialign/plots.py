@@ -191,12 +191,6 @@ def _outcome_bars(ax, reports: dict[str, dict], names: list[str], x: list[int]) 
     ax.legend(fontsize="small")
 
 
-def add_plot_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``unialign plot`` argument (``run_dir``) to ``parser``."""
-    parser.add_argument("run_dir", help="training run directory holding metrics.jsonl; figures go to run_dir/plots")
-    return parser
-
-
 def run_plot_cli(args: argparse.Namespace) -> int:
     """Run ``unialign plot`` from parsed arguments; prints the files written and returns 0."""
     for path in plot_run(args.run_dir):
@@ -204,4 +198,4 @@ def run_plot_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_plot_arguments", "plot_comparison", "plot_run", "run_plot_cli"]
+__all__ = ["plot_comparison", "plot_run", "run_plot_cli"]

@@ -15,6 +15,7 @@ from unialign.feedback import FORMATS as FEEDBACK_FORMATS
 FOLDER = Path(__file__).parent
 FORMATS = (*FEEDBACK_FORMATS, "prompts")  # "prompts": another name for the prompt-only rows
 SPLITS = ("train", "test")
+EVAL_PROMPTS = "bundled:prompts:test"  # the held-out prompts evaluation reads by default
 
 
 def load_bundled(fmt: str = "pairwise", split: str = "train") -> list[dict[str, Any]]:
