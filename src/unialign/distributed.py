@@ -83,7 +83,8 @@ def check_engine(cfg) -> None:
     if kind == "MULTI_CPU":
         got = f"plain DDP over {processes} CPU processes (use_cpu)"
     elif kind == "NO" and not torch.accelerator.is_available():
-        got = "a single CPU process"
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        got = f"each of the {launched} processes alone" if launched > 1 else "a single CPU process"
     else:
         return
     name = describe_engine(cfg)
@@ -206,6 +207,13 @@ def check_combination(cfg, method) -> None:
             f"is chunked: under {name} the weights are sharded, and the chunked path calls the LM head outside the "
             "model's forward, where its weight is not gathered; use logprob_impl: auto (full under sharding)",
         )
+    if name.endswith("ZeRO-3") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true") != "true":
+        raise ConfigError(
+            "zero3_save_16bit_model",
+            "is false: under DeepSpeed ZeRO-3 the final model/ would then hold no gathered weights, only DeepSpeed's "
+            "shards; set zero3_save_16bit_model: true in the accelerate config (as examples/accelerate/"
+            "deepspeed_zero3.yaml does)",
+        )
     if getattr(cfg, "compile_layers", False):
         raise ConfigError("compile_layers", f"is true: compiling blocks under {name} is untested; switch it off")
 
@@ -232,9 +240,13 @@ def release_gathered(model) -> None:
     FSDP2 keeps the root unit's weights (embeddings, final norm, head) gathered after the forward,
     expecting a backward; a frozen reference never has one, so they would stay whole on every process.
     """
-    reshard = getattr(model, "reshard", None)
-    if callable(reshard) and type(model).__name__.startswith("FSDP"):
-        reshard()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class AfterEngineStarts(TrainerCallback):

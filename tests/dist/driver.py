@@ -7,6 +7,8 @@ the tests compare.
 
 import json
 import os
+import resource
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +23,20 @@ if not os.environ.get("UNIALIGN_TEST_NO_SWITCH"):
     cpu_engines.enable()
 
 import unialign  # noqa: E402
+from unialign.trainer import UnialignTrainer  # noqa: E402
+
+kill_at = os.environ.get("UNIALIGN_TEST_KILL_AT_STEP")
+if kill_at is not None:
+    # SIGKILL process 0 when it is about to train the step after ``kill_at`` steps: no handler, no cleanup, as an
+    # out-of-memory kill or a lost machine would end it. The launcher then ends process 1.
+    training_step = UnialignTrainer.training_step
+
+    def killing_step(self, *args, **kwargs):
+        if self.state.global_step == int(kill_at) and self.is_world_process_zero():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return training_step(self, *args, **kwargs)
+
+    UnialignTrainer.training_step = killing_step
 
 config = json.loads(open(sys.argv[1]).read())
 result = unialign.train(config)
@@ -42,6 +58,8 @@ report = {
         p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local().numel() if hasattr(p, "to_local")
                                                               else p.numel()) for p in reference.parameters()),
     "reference_forwards": trainer.reference_forwards,
+    # Peak resident memory of this process over the whole run (Linux reports KiB).
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }
 with open(os.path.join(config["output_dir"] + ".report", f"rank{state.process_index}.json"), "w") as handle:
     json.dump(report, handle)

@@ -205,3 +205,83 @@ def test_two_processes_under_the_engine_match_one_process(engine, case, tiny_mod
         # z_ref, the KL estimate, is gathered over both processes' mismatched pairs: it equals the one-process
         # value (it moves by ~1.7 between steps here; a per-process estimate differs by ~0.1-1).
         assert metric(two, "kl") == pytest.approx(metric(one, "kl"), abs=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_a_killed_sharded_run_resumes_to_the_uninterrupted_weights(engine, tiny_model_dir, data_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def config(name: str, **extra) -> dict:
+        return base_config(tiny_model_dir, data_files["pairwise"], tmp_path / name, 2, save_strategy="steps",
+                           save_steps=2, **extra)
+
+    launch(engine, config("whole"), tmp_path)
+    killed = launch(engine, config("killed"), tmp_path, check=False, UNIALIGN_TEST_KILL_AT_STEP="3")
+    # Killed after step 3, with checkpoint-2 complete and no model written.
+    assert killed.returncode != 0
+    assert "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    run = tmp_path / "killed"
+    assert (run / "checkpoint-2" / "unialign_checkpoint.json").exists()
+    assert not (run / "checkpoint-4").exists() and not (run / "model").exists()
+    launch(engine, config("killed", resume=True), tmp_path)
+
+    # The resumed run ends where the uninterrupted one does: same weights, same logged losses of steps 3-4.
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    resumed = load_file(run / "model" / "model.safetensors")
+    assert sorted(resumed) == sorted(whole)
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=0)
+    assert losses(run)[-2:] == pytest.approx(losses(tmp_path / "whole")[-2:], abs=1e-6)
+
+    # model/ is consolidated, in the plain Hugging Face layout: one process loads it with from_pretrained, every
+    # weight at its full shape, and it holds the weights one process trains at the same global batch.
+    files = sorted(p.name for p in (run / "model").iterdir())
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pth")) for name in files), files
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    launch(None, base_config(tiny_model_dir, data_files["pairwise"], tmp_path / "one", 4), tmp_path)
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(resumed[name], one[name], atol=1e-5, rtol=0)
+
+
+def _cli_launch(launcher: list[str], tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
+    """``<launcher> -m unialign.cli train CONFIG.yaml``, the command docs/distributed.md gives, without the switch."""
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([*launcher, "-m", "unialign.cli", "train", str(path)], env=environment(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("engine,name", [("zero3", "DeepSpeed ZeRO-3"), ("fsdp2", "FSDP2")])
+def test_an_engine_launch_on_a_machine_without_gpus_is_refused_in_one_line(engine, name, tiny_model_dir,
+                                                                          data_files, tmp_path):
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator: the engine would run")
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    port = str(20000 + (os.getpid() * 11) % 20000)
+    launcher = [accelerate, "launch", "--config_file", str(ROOT / "examples" / "accelerate" / ENGINES[engine]),
+                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", port]
+    done = _cli_launch(launcher, tmp_path, base_config(tiny_model_dir, data_files["pairwise"], tmp_path / "run", 2))
+    assert done.returncode != 0
+    assert (f"error: config key 'use_cpu' asks for {name}, but accelerate would train each of the 2 processes alone "
+            f"on this machine, without {name}") in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr.split("ChildFailedError")[0].split("torch.distributed")[0]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
+
+
+def test_fsdp_with_use_cpu_on_two_processes_is_refused_instead_of_training_as_ddp(tiny_model_dir, data_files,
+                                                                                  tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    port = str(20000 + (os.getpid() * 13) % 20000)
+    config = base_config(tiny_model_dir, data_files["pairwise"], tmp_path / "run", 2, fsdp="full_shard",
+                         use_cpu=True)
+    done = _cli_launch([torchrun, "--nproc_per_node", "2", "--master_port", port, sys.executable], tmp_path, config)
+    assert done.returncode != 0
+    assert ("error: config key 'fsdp' asks for FSDP, but accelerate would train plain DDP over 2 CPU processes "
+            "(use_cpu) on this machine, without FSDP") in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
