@@ -51,7 +51,7 @@ def run(mode: str, steps: int, folder: Path) -> list[dict]:
     if mode == "ddp":
         env["UNIALIGN_TEST_NO_SWITCH"] = "1"
         command = [shutil.which("torchrun", path=str(bin_dir)), "--nproc_per_node", "2", "--master_port", "29731",
-                   sys.executable, str(DRIVER), str(path)]
+                   "--no-python", sys.executable, str(DRIVER), str(path)]
     else:
         command = [shutil.which("accelerate", path=str(bin_dir)), "launch", "--config_file",
                    str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "2",

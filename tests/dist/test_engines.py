@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,13 @@ def environment(**extra) -> dict:
     return env
 
 
+def free_port() -> str:
+    """A TCP port nobody listens on now, for the launcher's rendezvous (fixed ports collide between runs)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def launch(engine: str | None, config: dict, tmp_path: Path, check: bool = True, **env) -> subprocess.CompletedProcess:
     """Train ``config`` in one process (``engine=None``) or two under ``engine``; returns the finished launch."""
     path = tmp_path / f"{Path(config['output_dir']).name}-{len(list(tmp_path.glob('*.json')))}.json"
@@ -105,7 +113,7 @@ def launch(engine: str | None, config: dict, tmp_path: Path, check: bool = True,
     else:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
         assert accelerate, "accelerate's launcher is not installed next to this Python"
-        port = str(20000 + (os.getpid() * 7 + len(list(tmp_path.glob("*.json")))) % 20000)
+        port = free_port()
         command = [accelerate, "launch", "--config_file", str(ROOT / "examples" / "accelerate" / ENGINES[engine]),
                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", port,
                    str(DRIVER), str(path)]
@@ -263,7 +271,7 @@ def test_an_engine_launch_on_a_machine_without_gpus_is_refused_in_one_line(engin
     if torch.accelerator.is_available():
         pytest.skip("this machine has an accelerator: the engine would run")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    port = str(20000 + (os.getpid() * 11) % 20000)
+    port = free_port()
     launcher = [accelerate, "launch", "--config_file", str(ROOT / "examples" / "accelerate" / ENGINES[engine]),
                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", port]
     done = _cli_launch(launcher, tmp_path, base_config(tiny_model_dir, data_files["pairwise"], tmp_path / "run", 2))
@@ -277,10 +285,11 @@ def test_an_engine_launch_on_a_machine_without_gpus_is_refused_in_one_line(engin
 def test_fsdp_with_use_cpu_on_two_processes_is_refused_instead_of_training_as_ddp(tiny_model_dir, data_files,
                                                                                   tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    port = str(20000 + (os.getpid() * 13) % 20000)
+    port = free_port()
     config = base_config(tiny_model_dir, data_files["pairwise"], tmp_path / "run", 2, fsdp="full_shard",
                          use_cpu=True)
-    done = _cli_launch([torchrun, "--nproc_per_node", "2", "--master_port", port, sys.executable], tmp_path, config)
+    done = _cli_launch([torchrun, "--nproc_per_node", "2", "--master_port", port, "--no-python", sys.executable],
+                       tmp_path, config)
     assert done.returncode != 0
     assert ("error: config key 'fsdp' asks for FSDP, but accelerate would train plain DDP over 2 CPU processes "
             "(use_cpu) on this machine, without FSDP") in done.stderr, done.stderr[-3000:]
