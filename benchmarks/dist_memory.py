@@ -72,21 +72,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {mode: run(mode, args.steps, Path(tmp)) for mode in ("ddp", "zero3")}
     peak = {mode: max(r["peak_rss_mib"] for r in reports) for mode, reports in results.items()}
+    end = {mode: max(r["end_rss_mib"] for r in reports) for mode, reports in results.items()}
     summary = {
         "steps": args.steps,
         "processes": 2,
         "per_process": results,
         "peak_rss_mib": peak,
         "ratio_zero3_over_ddp": peak["zero3"] / peak["ddp"],
+        "end_rss_mib": end,
+        "end_ratio_zero3_over_ddp": end["zero3"] / end["ddp"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print("| mode | peak RSS per process (MiB) | policy elements held | reference elements held |")
-    print("|---|---|---|---|")
+    print("| mode | peak RSS per process (MiB) | RSS after training (MiB) | policy elements held | "
+          "reference elements held |")
+    print("|---|---|---|---|---|")
     for mode, reports in results.items():
         rss = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in reports)
-        print(f"| {mode} | {rss} | {reports[0]['policy_local_numel']:,} | {reports[0]['reference_local_numel']:,} |")
-    print(f"ratio ZeRO-3 / DDP (max over processes): {summary['ratio_zero3_over_ddp']:.2f}")
+        now = " / ".join(f"{r['end_rss_mib']:.0f}" for r in reports)
+        print(f"| {mode} | {rss} | {now} | {reports[0]['policy_local_numel']:,} | "
+              f"{reports[0]['reference_local_numel']:,} |")
+    print(f"ratio ZeRO-3 / DDP, peak (max over processes): {summary['ratio_zero3_over_ddp']:.2f}; "
+          f"after training: {summary['end_ratio_zero3_over_ddp']:.2f}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ report = {
     "reference_forwards": trainer.reference_forwards,
     # Peak resident memory of this process over the whole run (Linux reports KiB).
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # Resident memory now, after training and the final save (models, optimizer state still held).
+    "end_rss_mib": next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024,
 }
 with open(os.path.join(config["output_dir"] + ".report", f"rank{state.process_index}.json"), "w") as handle:
     json.dump(report, handle)
