@@ -192,7 +192,8 @@ def test_two_processes_under_the_engine_match_one_process(engine, case, tiny_mod
             assert rank["policy_local_numel"] >= total
         else:
             assert rank["policy_local_numel"] < 0.6 * total, (rank["policy_local_numel"], total)
-    separate = case == "dpo-separate-reference"
+    # A separate frozen reference: the methods with a reference, without LoRA and without precomputing.
+    separate = case in ("dpo-separate-reference", "kto", "rao", "una_score")
     if separate:
         wrapper = {"zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine", "fsdp2": "FSDPLlamaForCausalLM"}[engine]
         assert {r["reference_type"] for r in ranks} == {wrapper}
