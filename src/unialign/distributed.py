@@ -80,11 +80,15 @@ def check_engine(cfg) -> None:
     state = getattr(cfg, "distributed_state", None)
     kind = getattr(getattr(state, "distributed_type", None), "name", "NO")
     processes = getattr(state, "num_processes", 1) if state is not None else 1
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if kind == "MULTI_CPU":
         got = f"plain DDP over {processes} CPU processes (use_cpu)"
+    elif processes != launched:
+        # Without an accelerator accelerate sets up no process group, yet under a DeepSpeed launch it still calls
+        # the state DEEPSPEED: each process would train alone, all in the same run folder.
+        got = f"each of the {launched} processes alone"
     elif kind == "NO" and not torch.accelerator.is_available():
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        got = f"each of the {launched} processes alone" if launched > 1 else "a single CPU process"
+        got = "a single CPU process"
     else:
         return
     name = describe_engine(cfg)

@@ -282,7 +282,8 @@ def test_an_engine_launch_on_a_machine_without_gpus_is_refused_in_one_line(engin
     assert done.returncode != 0
     assert (f"error: config key 'use_cpu' asks for {name}, but accelerate would train each of the 2 processes alone "
             f"on this machine, without {name}") in done.stderr, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr.split("ChildFailedError")[0].split("torch.distributed")[0]
+    # One line from unialign, no traceback through it (the launcher prints its own ChildFailedError after it).
+    assert "src/unialign/" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
 
 
