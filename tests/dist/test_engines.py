@@ -47,6 +47,15 @@ CASES = {
     "reward_model": ("pairwise", {"loss_type": "reward_model"}),
 }
 
+# Where one and two processes legitimately differ by more than round-off, measured on this machine (losses of
+# steps 1-4, one process / DDP over 2 processes / ZeRO-3 over 2 processes):
+# - tpo: its NLL term is the token mean over the micro-batch (SPEC.md), so two 2-row micro-batches weigh tokens
+#   unlike one 4-row one: 12.739974 / 12.737253 / 12.737252 at step 2 (DDP and ZeRO-3 agree to 1e-6; both differ
+#   from one process by 2.7e-3). Step 1 agrees to 1e-6; 5e-3 leaves room for the later steps.
+# - rao: at this learning rate the loss swings 0.1 → 38.7 → 0.71 → 10.5, so round-off in the gradient grows:
+#   step 4 10.547166 / 10.547138 / 10.547704 (ZeRO-3 off by 5.1e-5 relative, DDP by 2.6e-6). 1e-4 relative.
+TOLERANCE = {"tpo": {"abs": 5e-3}, "rao": {"rel": 1e-4, "abs": 1e-5}}
+
 
 def rows(fmt: str) -> list[dict]:
     """Eight rows of ``fmt`` (listwise rows have three or two completions, so slots are sometimes empty)."""
@@ -211,7 +220,7 @@ def test_two_processes_under_the_engine_match_one_process(engine, case, tiny_mod
     # differences up to 2e-7 (summation order of the gradient reduction); 1e-5 is far below the 0.01-0.3 the
     # loss moves per step, so a wrong batch split, a missing reduction or a per-process KTO estimate fails.
     assert len(losses(two)) == 4
-    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert losses(two) == pytest.approx(losses(one), **TOLERANCE.get(case, {"abs": 1e-5}))
     if case == "kto":
         # z_ref, the KL estimate, is gathered over both processes' mismatched pairs: it equals the one-process
         # value. Measured with each process's own estimate instead (ZeRO-2): step-3 loss 0.45667 vs 0.46689,
