@@ -6,7 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.unialign-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
 
-.PHONY: setup test test-slow demo lint clean-venv
+DIST_STAMP := $(VENV)/.unialign-dist-installed
+
+.PHONY: setup setup-dist test test-slow test-dist demo lint clean-venv
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,11 +20,23 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 setup: $(STAMP)
 
+# DeepSpeed for the engine tests. DS_BUILD_OPS=0: no kernels built at install; the one the CPU tests use builds
+# on first use (ninja).
+$(DIST_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(PIP) -e ".[test,dist]"
+	touch $(DIST_STAMP)
+
+setup-dist: $(DIST_STAMP)
+
 test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# 2-process runs under DeepSpeed ZeRO-2/3 and FSDP2 on CPU (gloo); docs/distributed.md.
+test-dist: setup-dist
+	$(PY) -m pytest -q -m dist tests/dist
 
 demo: setup
 	$(VENV)/bin/unialign demo

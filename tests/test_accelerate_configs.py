@@ -11,7 +11,7 @@ FOLDER = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 EXPECTED = {
     "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, {"zero_stage": 2}),
     "deepspeed_zero3.yaml": (DistributedType.DEEPSPEED, {"zero_stage": 3, "zero3_save_16bit_model": True}),
-    "fsdp.yaml": (DistributedType.FSDP, {"fsdp_use_orig_params": True, "fsdp_state_dict_type": "FULL_STATE_DICT"}),
+    "fsdp.yaml": (DistributedType.FSDP, {"fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"}),
 }
 
 

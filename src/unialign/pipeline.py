@@ -20,6 +20,7 @@ from unialign.data.formats import columns_of, detect_format
 from unialign.data.sources import open_table
 from unialign.data.tokenize import DropReport
 from unialign.data.tokenized import TokenizedDataset, max_completions, tokenize_table
+from unialign.distributed import AfterEngineStarts, check_combination, check_engine, engine_of, requested_engine
 from unialign.losses.registry import Method, check_format, get_method
 from unialign.models import load_tokenizer
 from unialign.run import MetricsFileCallback, TrainResult, build_models, run_training
@@ -137,6 +138,7 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
     """
     cfg = _as_config(config, overrides)
     method = get_method(cfg.loss_type).for_config(cfg)
+    check_combination(cfg, method)
     if not method.online and cfg.dataset is None:
         raise ValueError(
             "config key 'dataset' is not set: give a file, a datasets folder, bundled:<format> (or bundled), "
@@ -182,7 +184,13 @@ def _train_offline(cfg: UnialignConfig, method: Method) -> TrainResult:
 
     def precompute(resumed: bool) -> None:
         if method.needs_reference and cfg.precompute_ref_log_probs:
-            reference_log_probs(trainer, cfg, method, output_dir, train_data, eval_data, resumed=resumed)
+            def compute() -> None:
+                reference_log_probs(trainer, cfg, method, output_dir, train_data, eval_data, resumed=resumed)
+
+            if engine_of(trainer.accelerator):  # the policy must be inside the engine first
+                trainer.add_callback(AfterEngineStarts(compute))
+            else:
+                compute()
 
     return run_training(trainer, cfg, method, train_data, output_dir, before_train=precompute)
 
@@ -241,12 +249,14 @@ def prefer_cpu_processes() -> None:
 
     Otherwise accelerate treats each process as a separate single-process run. This sets what
     ``accelerate launch --cpu`` sets, ``ACCELERATE_USE_CPU``; it must happen before a config is built.
+    Not when the launch asks for DeepSpeed or FSDP: that would turn it into plain DDP, and
+    :func:`unialign.distributed.check_engine` refuses such a launch instead.
     """
     import os
 
     import torch
 
-    if _launched_processes() > 1 and not torch.accelerator.is_available():
+    if _launched_processes() > 1 and not torch.accelerator.is_available() and requested_engine() is None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
@@ -254,6 +264,7 @@ def check_processes(cfg: UnialignConfig) -> UnialignConfig:
     """Refuse a launch of several processes that would each train alone and write the same run folder."""
     from transformers.training_args import ParallelMode
 
+    check_engine(cfg)
     if _launched_processes() > 1 and cfg.parallel_mode != ParallelMode.DISTRIBUTED:
         raise ValueError(
             f"{_launched_processes()} processes were launched, but this config sets up {cfg.parallel_mode.value} "

@@ -290,6 +290,9 @@ def save_final_model(trainer: UnialignTrainer, cfg: UnialignConfig, model_dir: P
         if cfg.use_peft and cfg.save_merged and trainer.is_world_process_zero():
             logger.warning("LoRA adapters are saved unmerged under DeepSpeed/FSDP; merge them with peft afterwards")
         trainer.save_model(str(model_dir))
+        if trainer.is_world_process_zero():
+            # Trainer.save_model pickles its arguments beside the weights; the run's config.json already holds them.
+            (model_dir / "training_args.bin").unlink(missing_ok=True)
         return model_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.is_world_process_zero():

@@ -35,6 +35,7 @@ from unialign.checkpoints import (
 from unialign.data.collate import Batch, has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import TokenizedDataset, store_values
+from unialign.distributed import gather_rows, prepare_reference, release_gathered
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
@@ -102,7 +103,7 @@ class UnialignTrainer(Trainer):
         self._steps_since_log = 0
         self._data_fingerprint: str | None = None
         if ref_model is not None:
-            self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+            self.ref_model = prepare_reference(self.accelerator, ref_model)
         impl = self.args.logprob_impl
         if method.model_kind != "causal_lm":
             impl = "full"  # a classifier head scores whole sequences; there are no token log-probs
@@ -321,6 +322,11 @@ class UnialignTrainer(Trainer):
                 ref = self.reference_logps(batch)
                 inputs.ref_logps = gather_slots(ref.seq, slot_seq)
                 inputs.ref_prompt_logps, inputs.ref_kl_logps = ref.prompt, ref.kl
+        if inputs.kl_logps is not None and inputs.ref_kl_logps is not None and self.accelerator.num_processes > 1:
+            # KTO's reference point z_ref is a mean over the global batch's mismatched pairs, as in one
+            # process (and as TRL gathers it); each process alone would see only its share.
+            inputs.kl_logps = gather_rows(self.accelerator, inputs.kl_logps)
+            inputs.ref_kl_logps = gather_rows(self.accelerator, inputs.ref_kl_logps)
         return inputs
 
     def _targets(self, batch: Batch) -> Tensor | None:
@@ -432,7 +438,10 @@ class UnialignTrainer(Trainer):
         """Reference log-probs of a batch: frozen model, or the policy with its adapters disabled."""
         self.reference_forwards += 1
         if self.ref_model is not None:
-            return self._logps(self.ref_model, batch)
+            try:
+                return self._logps(self.ref_model, batch)
+            finally:
+                release_gathered(self.ref_model)
         policy = unwrap_peft(self.model)
         if policy is None:
             raise RuntimeError(
@@ -505,17 +514,26 @@ class UnialignTrainer(Trainer):
 
     def _store_metrics(self, metrics: dict[str, Tensor], split: str, valid: bool = True) -> None:
         # One gather for all metrics plus a validity flag: every process gathers the same number of times,
-        # and micro-batches whose loss was not finite are left out of the average.
-        if not metrics:
-            return
+        # and micro-batches whose loss was not finite are left out of the average. A process's micro-batch can
+        # lack a metric another has (KTO's rewards/chosen when it holds no desirable row), so the processes agree
+        # on the union of keys first, and each key is averaged over the processes that have it.
         keys = sorted(metrics)
+        if self.accelerator.num_processes > 1:
+            keys = sorted(set().union(*gather_object([keys])))
+        if not keys:
+            return
         flag = torch.tensor(float(valid), device=self.args.device)
-        row = torch.stack([metrics[k].detach().float().reshape(()).to(flag.device) for k in keys] + [flag])
+        zero = torch.zeros((), device=flag.device)
+        values = [metrics[k].detach().float().reshape(()).to(flag.device) if k in metrics else zero for k in keys]
+        present = [torch.ones_like(zero) if k in metrics else zero for k in keys]
+        row = torch.stack(values + present + [flag])
         gathered = self.accelerator.gather_for_metrics(row.unsqueeze(0))
-        kept = gathered[gathered[:, -1] > 0, :-1]
-        if len(kept):
-            for key, value in zip(keys, kept.mean(0).tolist()):
-                self._metrics[split][key].append(value)
+        kept = gathered[gathered[:, -1] > 0]
+        count = len(keys)
+        for i, key in enumerate(keys):
+            have = kept[:, count + i] > 0
+            if have.any():
+                self._metrics[split][key].append(kept[have, i].mean().item())
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the method's metrics, averaged since the last log line, to Trainer's logs."""

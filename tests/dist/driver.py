@@ -1,0 +1,67 @@
+"""One training process of the engine tests: ``driver.py CONFIG_JSON`` under ``accelerate launch`` or alone.
+
+Installs the CPU engine switch (:mod:`tests.dist.cpu_engines`) unless ``UNIALIGN_TEST_NO_SWITCH`` is set,
+then trains with ``unialign.train(config)``; the run folder's ``metrics.jsonl`` and ``model/`` are what
+the tests compare.
+"""
+
+import json
+import os
+import resource
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+if not os.environ.get("UNIALIGN_TEST_NO_SWITCH"):
+    import cpu_engines  # noqa: E402
+
+    cpu_engines.enable()
+
+import unialign  # noqa: E402
+from unialign.trainer import UnialignTrainer  # noqa: E402
+
+kill_at = os.environ.get("UNIALIGN_TEST_KILL_AT_STEP")
+if kill_at is not None:
+    # SIGKILL process 0 when it is about to train the step after ``kill_at`` steps: no handler, no cleanup, as an
+    # out-of-memory kill or a lost machine would end it. The launcher then ends process 1.
+    training_step = UnialignTrainer.training_step
+
+    def killing_step(self, *args, **kwargs):
+        if self.state.global_step == int(kill_at) and self.is_world_process_zero():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return training_step(self, *args, **kwargs)
+
+    UnialignTrainer.training_step = killing_step
+
+config = json.loads(open(sys.argv[1]).read())
+result = unialign.train(config)
+trainer = result.trainer
+state = trainer.accelerator.state
+plugin = getattr(state, "deepspeed_plugin", None)
+policy_params = list(trainer.model.parameters())
+reference = trainer.ref_model
+report = {
+    "distributed_type": state.distributed_type.name,
+    "num_processes": state.num_processes,
+    "zero_stage": plugin.zero_stage if plugin is not None else None,
+    "fsdp_version": state.fsdp_plugin.fsdp_version if getattr(state, "fsdp_plugin", None) else None,
+    # Elements of the policy this process holds: under ZeRO-3 and FSDP a share, else all of them.
+    "policy_local_numel": sum(getattr(p, "ds_tensor", p).numel() if hasattr(p, "ds_tensor") else (
+        p.to_local().numel() if hasattr(p, "to_local") else p.numel()) for p in policy_params),
+    "reference_type": type(reference).__name__ if reference is not None else None,
+    "reference_local_numel": None if reference is None else sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local().numel() if hasattr(p, "to_local")
+                                                              else p.numel()) for p in reference.parameters()),
+    "reference_forwards": trainer.reference_forwards,
+    # Peak resident memory of this process over the whole run (Linux reports KiB).
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # Resident memory now, after training and the final save (models, optimizer state still held).
+    "end_rss_mib": next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024,
+}
+with open(os.path.join(config["output_dir"] + ".report", f"rank{state.process_index}.json"), "w") as handle:
+    json.dump(report, handle)
