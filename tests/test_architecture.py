@@ -171,3 +171,46 @@ def test_repeated_runs_finds_a_copied_block_and_nothing_else(tmp_path):
 
 def test_the_package_writes_no_code_twice():
     assert repeated_runs(sorted((SRC / "unialign").rglob("*.py"))) == []
+
+
+DEFERRED = "# Deferred imports:"
+
+
+def unexplained_local_imports(path: Path) -> list[str]:
+    """Imports inside functions with no reason given: no comment on the line or above its block of imports,
+    and the module's ``# Deferred imports: a b (why)`` line names neither the module nor a package above it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    declared = next((line.split(":", 1)[1] for line in lines if line.strip().startswith(DEFERRED)), "")
+    named = {word.strip(",.()") for word in declared.split()}
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for sub in ast.walk(node):
+            if not isinstance(sub, ast.Import | ast.ImportFrom):
+                continue
+            module = sub.module if isinstance(sub, ast.ImportFrom) else sub.names[0].name
+            parts = (module or "").split(".")
+            prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+            above = sub.lineno - 2  # a comment above a block of imports covers the whole block
+            while above > 0 and lines[above].strip().startswith(("import ", "from ")):
+                above -= 1
+            if "#" in lines[sub.lineno - 1] or lines[above].strip().startswith("#") or prefixes & named:
+                continue
+            found.append(f"{path.relative_to(SRC)}:{sub.lineno} {module}")
+    return found
+
+
+def test_unexplained_local_imports_are_found(tmp_path):
+    path = SRC / "unialign" / "_probe_for_test.py"
+    source = f"{DEFERRED} datasets (loads pyarrow)\n\ndef f():\n    import datasets\n    import json\n"
+    try:
+        path.write_text(source + "\n\ndef g():\n    # torch is optional here\n    import torch\n")
+        assert unexplained_local_imports(path) == ["unialign/_probe_for_test.py:5 json"]
+    finally:
+        path.unlink()
+
+
+def test_every_import_inside_a_function_says_why():
+    found = [hit for path in sorted((SRC / "unialign").rglob("*.py")) for hit in unexplained_local_imports(path)]
+    assert found == []

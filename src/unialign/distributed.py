@@ -13,11 +13,16 @@ Three jobs, each small, kept here so that ``trainer.py`` and ``run.py`` only cal
 docs/distributed.md lists what is tested on CPU processes and what only a GPU run shows.
 """
 
+# Deferred imports: deepspeed accelerate (DeepSpeed is an optional extra; both load only for a sharded run).
+
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 
+import torch
 from transformers import TrainerCallback
 
 from unialign.config import ConfigError
@@ -55,7 +60,6 @@ def _deepspeed_config_stage(deepspeed) -> int | None:
     if isinstance(deepspeed, dict):
         return (deepspeed.get("zero_optimization") or {}).get("stage")
     if isinstance(deepspeed, str) and os.path.isfile(deepspeed):
-        import json
 
         try:
             with open(deepspeed, encoding="utf-8") as handle:
@@ -75,7 +79,6 @@ def check_engine(cfg) -> None:
     engine = requested_engine(cfg)
     if engine is None:
         return
-    import torch
 
     state = getattr(cfg, "distributed_state", None)
     kind = getattr(getattr(state, "distributed_type", None), "name", "NO")
@@ -145,7 +148,6 @@ def prepare_reference(accelerator, model):
 
 
 def _deepspeed_inference(accelerator, model):
-    import copy
 
     import deepspeed
 
@@ -227,7 +229,6 @@ def gather_rows(accelerator, values):
 
     Exact, unlike a mean of per-process means; gradients do not flow through it.
     """
-    import torch
 
     if accelerator.num_processes == 1:
         return values
@@ -245,7 +246,7 @@ def release_gathered(model) -> None:
     expecting a backward; a frozen reference never has one, so they would stay whole on every process.
     """
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # absent from torch builds without FSDP2
     except ImportError:  # torch without FSDP2
         return
     for module in model.modules():

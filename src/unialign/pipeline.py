@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers.training_args import ParallelMode
 
 from unialign.checkpoints import (
     load_ref_logps,
@@ -23,6 +26,7 @@ from unialign.data.tokenized import TokenizedDataset, max_completions, tokenize_
 from unialign.distributed import AfterEngineStarts, check_combination, check_engine, engine_of, requested_engine
 from unialign.losses.registry import Method, check_format, get_method
 from unialign.models import load_tokenizer
+from unialign.online import train_online
 from unialign.run import MetricsFileCallback, TrainResult, build_models, run_training
 from unialign.rundir import (
     METRICS_FILE,
@@ -147,7 +151,6 @@ def train(config: UnialignConfig | dict | str | Path, **overrides: Any) -> Train
     # Claimed before anything loads, so that a second run on the same folder stops at once.
     with claim_run_dir(cfg.output_dir, cfg.overwrite_output_dir, main_process=cfg.should_save):
         if method.online:  # sample-score-update methods (docs/online.md) run their own loop
-            from unialign.online import train_online
 
             return train_online(cfg)
         return _train_offline(cfg, method)
@@ -239,7 +242,6 @@ def _as_config(config, overrides) -> UnialignConfig:
 
 
 def _launched_processes() -> int:
-    import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -252,9 +254,7 @@ def prefer_cpu_processes() -> None:
     Not when the launch asks for DeepSpeed or FSDP: that would turn it into plain DDP, and
     :func:`unialign.distributed.check_engine` refuses such a launch instead.
     """
-    import os
 
-    import torch
 
     if _launched_processes() > 1 and not torch.accelerator.is_available() and requested_engine() is None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
@@ -262,7 +262,6 @@ def prefer_cpu_processes() -> None:
 
 def check_processes(cfg: UnialignConfig) -> UnialignConfig:
     """Refuse a launch of several processes that would each train alone and write the same run folder."""
-    from transformers.training_args import ParallelMode
 
     check_engine(cfg)
     if _launched_processes() > 1 and cfg.parallel_mode != ParallelMode.DISTRIBUTED:

@@ -4,6 +4,8 @@
 build their models and trainer here and hand them to :func:`run_training`, so neither imports the other.
 """
 
+# Deferred imports: unialign.plots (matplotlib loads only when a finished run draws its curves).
+
 from __future__ import annotations
 
 import logging
@@ -11,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import TrainerState
 
 from unialign import jsonfile
 from unialign.checkpoints import (
@@ -66,7 +69,6 @@ def build_models(cfg: UnialignConfig, method: Method):
     Seeds every RNG with ``cfg.seed`` first: fresh LoRA adapters and a reward model's new score head
     are random, and without this their values would depend on whatever ran before in the process.
     """
-    from transformers import set_seed
 
     set_seed(cfg.seed)
     kind = method.model_kind
@@ -165,7 +167,6 @@ def finished_at(trainer: UnialignTrainer, cfg: UnialignConfig, checkpoint: Path)
 
 def restore_checkpoint(trainer: UnialignTrainer, checkpoint: Path) -> None:
     """Load a checkpoint's weights and trainer state (step, log history) without training."""
-    from transformers.trainer_callback import TrainerState
 
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
