@@ -10,6 +10,7 @@ import unialign
 from unialign.config import ConfigError, load_config
 from unialign.distributed import check_combination, describe_engine, gather_rows, requested_engine
 from unialign.losses.registry import get_method
+from unialign.trainer import precompute_plan
 
 ENGINE_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION",
               "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "ACCELERATE_USE_CPU")
@@ -113,3 +114,17 @@ def test_gather_rows_in_one_process_is_the_identity():
 
     values = torch.tensor([1.0, -2.0, 3.5])
     assert gather_rows(One(), values) is values
+
+
+@pytest.mark.parametrize("rows,world,batch", [(9, 2, 4), (8, 2, 4), (5, 3, 2), (1, 2, 4), (10, 4, 3)])
+def test_precompute_gives_every_process_the_same_number_of_forwards_and_each_row_once(rows, world, batch):
+    plans = [precompute_plan(rows, world, rank, batch) for rank in range(world)]
+    assert len({len(plan) for plan in plans}) == 1  # ZeRO-3/FSDP: every forward is a collective
+    scored = [i for plan in plans for chunk in plan for i in chunk]
+    assert sorted(scored) == list(range(rows))
+    assert all(len(chunk) <= batch for plan in plans for chunk in plan)
+
+
+def test_precompute_plan_pads_the_shorter_share_with_empty_batches():
+    assert precompute_plan(9, 2, 0, 4) == [range(0, 4), range(4, 5)]
+    assert precompute_plan(9, 2, 1, 4) == [range(5, 9), range(9, 9)]

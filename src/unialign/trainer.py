@@ -464,12 +464,11 @@ class UnialignTrainer(Trainer):
         reference forward runs during training, and a separate reference model is freed.
         """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        share = -(-len(examples) // world)
-        first = rank * share
-        last = min(len(examples), first + share)
         values = []
-        for start in range(first, last, batch_size):
-            indices = range(start, min(last, start + batch_size))
+        for indices in precompute_plan(len(examples), world, rank, batch_size):
+            if not indices:  # this process's share is done; the forward keeps a sharded engine's collectives in step
+                self.reference_logps(self._prepare_inputs(self.data_collator([examples[0]])))
+                continue
             chunk = [examples[i] for i in indices]
             batch = self._prepare_inputs(self.data_collator(chunk))
             ref = self.reference_logps(batch)
@@ -568,6 +567,19 @@ class RowIndexCollator:
 
     def __getattr__(self, name):
         return getattr(self.collator, name)
+
+
+def precompute_plan(rows: int, world: int, rank: int, batch_size: int) -> list[range]:
+    """The row batches process ``rank`` of ``world`` scores when precomputing reference log-probs.
+
+    Each process takes a contiguous share; every process gets the same number of batches (an empty
+    range where its share is done), because under ZeRO-3 or FSDP every forward is a collective that
+    all processes must join.
+    """
+    share = -(-rows // world)
+    first, last = min(rows, rank * share), min(rows, (rank + 1) * share)
+    count = -(-share // batch_size)
+    return [range(min(last, first + b * batch_size), min(last, first + (b + 1) * batch_size)) for b in range(count)]
 
 
 def example_length(example: TokenizedExample, packed: bool) -> int:
