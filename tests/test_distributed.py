@@ -128,3 +128,13 @@ def test_precompute_gives_every_process_the_same_number_of_forwards_and_each_row
 def test_precompute_plan_pads_the_shorter_share_with_empty_batches():
     assert precompute_plan(9, 2, 0, 4) == [range(0, 4), range(4, 5)]
     assert precompute_plan(9, 2, 1, 4) == [range(5, 9), range(9, 9)]
+
+
+def test_deepspeed_asked_for_but_not_installed_is_one_clear_error(no_engine_env, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    no_engine_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"'deepspeed'.*not installed: pip install 'unialign\[dist\]'"):
+        load_config(None, _config(tmp_path))

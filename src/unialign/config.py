@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import types
@@ -369,6 +370,13 @@ class UnialignConfig(TrainingArguments):
             )
         if self.max_steps <= 0 and self.num_train_epochs == 0:
             raise ConfigError("num_train_epochs", "is 0 and max_steps is not set: the run would train 0 steps")
+        deepspeed_asked = self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        if deepspeed_asked and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                "deepspeed",
+                "DeepSpeed was asked for (the deepspeed key, or an accelerate launch with a DeepSpeed config) but is "
+                "not installed: pip install 'unialign[dist]' (docs/distributed.md)",
+            )
         super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
