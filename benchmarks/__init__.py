@@ -11,7 +11,10 @@ Run them from a checkout; they are not installed with the package.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +28,22 @@ def worker_env(**extra: str) -> dict[str, str]:
     """
     paths = [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+def run_sides(module: str, argv: list[str], sides: str) -> tuple[list[str], dict[str, dict]]:
+    """Run each side of a comparison in its own ``python -m <module> ... --child <side>`` process, so that
+    its peak RSS is its own; returns the forwarded arguments and each side's ``RESULT {json}`` line."""
+    forwarded = [a for i, a in enumerate(argv) if not (a.startswith("--sides") or (i and argv[i - 1] == "--sides"))]
+    results = {}
+    for side in sides.split(","):
+        proc = subprocess.run([sys.executable, "-m", module, *forwarded, "--child", side],
+                              capture_output=True, text=True, env=worker_env(TOKENIZERS_PARALLELISM="false"))
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+            raise SystemExit(f"{side} failed (exit {proc.returncode})")
+        results[side] = json.loads(line[len("RESULT "):])
+    return forwarded, results
 
 
 def run_cli(func, args) -> int:

@@ -21,13 +21,12 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import worker_env
+from benchmarks import run_sides
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -170,20 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
     given = list(argv if argv is not None else sys.argv[1:])
-    forwarded = []
-    for index, arg in enumerate(given):
-        if arg.startswith("--sides") or (index and given[index - 1] == "--sides"):
-            continue  # each child runs one side
-        forwarded.append(arg)
-    results = {}
-    for side in args.sides.split(","):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.online_vs_ppo", *forwarded, "--child", side],
-                              capture_output=True, text=True, env=worker_env(TOKENIZERS_PARALLELISM="false"))
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-            raise SystemExit(f"{side} failed (exit {proc.returncode})")
-        results[side] = json.loads(line[len("RESULT "):])
+    forwarded, results = run_sides("benchmarks.online_vs_ppo", given, args.sides)
     import torch
     import transformers
     import trl

@@ -11,13 +11,12 @@ import os
 import platform
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import worker_env
+from benchmarks import run_sides
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 METHODS = ("una_online", "ppo", "grpo", "rloo")
@@ -213,16 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
     given = list(argv if argv is not None else sys.argv[1:])
-    forwarded = [a for i, a in enumerate(given) if not (a.startswith("--sides") or (i and given[i - 1] == "--sides"))]
-    results = {}
-    for side in args.sides.split(","):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.online", *forwarded, "--child", side],
-                              capture_output=True, text=True, env=worker_env(TOKENIZERS_PARALLELISM="false"))
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-            raise SystemExit(f"{side} failed (exit {proc.returncode})")
-        results[side] = json.loads(line[len("RESULT "):])
+    forwarded, results = run_sides("benchmarks.online", given, args.sides)
     import torch
 
     report = {
