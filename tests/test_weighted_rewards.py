@@ -74,3 +74,29 @@ def test_grpo_run_logs_each_source_and_writes_the_completions_table(tiny_model_d
     assert first["reward"] == pytest.approx(first["reward/uppercase_share"] + 0.5)
     # the two samples of the first prompt: GRPO's group advantages are opposite (or both 0 for equal rewards)
     assert rows[0]["advantage"] == pytest.approx(-rows[1]["advantage"], abs=1e-5)
+
+
+def test_the_completions_table_goes_to_wandb_when_it_is_configured_and_running(tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from unialign.online.completions import CompletionsLog
+
+    logged = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    fake = SimpleNamespace(run=object(), Table=Table, log=logged.append)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    rows = [{"step": 2, "prompt": "p", "completion": "c", "reward": 0.5, "advantage": 0.1}]
+    CompletionsLog(tmp_path, ["wandb"]).write(rows)
+    table = logged[0]["completions"]
+    assert table.columns == ["step", "prompt", "completion", "reward", "advantage"]
+    assert table.data == [[2, "p", "c", 0.5, 0.1]]
+    CompletionsLog(tmp_path, []).write(rows)  # not configured: the file only
+    fake.run = None
+    CompletionsLog(tmp_path, ["wandb"]).write(rows)  # configured but no run started: the file only
+    assert len(logged) == 1
+    assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 3

@@ -78,7 +78,6 @@ class CompletionsLog:
 
 def jsonfile_step(line: str) -> int:
     """The ``step`` of one completions.jsonl line (a line without one counts as step 0)."""
-
     try:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
