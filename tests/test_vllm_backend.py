@@ -178,3 +178,24 @@ def test_online_training_samples_through_the_engine_with_the_current_weights(fak
     assert steps[0]["reward"] == pytest.approx((6 / 7) / 2, abs=1e-6)
     assert steps[0]["completions/eos_fraction"] == pytest.approx(0.5)
     assert result.model_dir.is_dir()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "rloo", "ppo"])
+def test_the_policy_gradient_methods_sample_through_the_engine_too(fake_vllm, tiny_model_dir, tmp_path, tokenizer,
+                                                                   monkeypatch, loss_type):
+    eos = tokenizer.eos_token_id
+    upper = tokenizer("ABC DEF", add_special_tokens=False).input_ids
+    lower = tokenizer("abc def", add_special_tokens=False).input_ids
+    monkeypatch.setattr(FakeLLM, "script", lambda prompt, n: [(upper + [eos], "stop"), (lower, "length")][:n])
+    monkeypatch.setattr("unialign.online.trainer.check_backend", lambda name: None)  # no GPU here; vllm is faked
+    extra = {"num_ppo_epochs": 1} if loss_type == "ppo" else {}  # one rollout per optimizer step, as the others
+    unialign.train(_config(tiny_model_dir, tmp_path, loss_type=loss_type, generation_backend="vllm", max_steps=2,
+                           num_generations=2, use_peft=True, lora_r=4, lora_alpha=8, max_length=64,
+                           vllm_gpu_memory_utilization=0.4, **extra))
+    llm = FakeLLM.instances[0]
+    assert len(llm.calls) == 2 and len(llm.pushes) == 2  # one rollout and one weight push per step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "reward" in row]
+    assert len(steps) == 2
+    assert steps[0]["reward"] == pytest.approx((6 / 7) / 2, abs=1e-6)  # the engine's two samples were scored
+    assert steps[0]["completions/eos_fraction"] == pytest.approx(0.5)
