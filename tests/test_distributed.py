@@ -138,3 +138,13 @@ def test_deepspeed_asked_for_but_not_installed_is_one_clear_error(no_engine_env,
     no_engine_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match=r"'deepspeed'.*not installed: pip install 'unialign\[dist\]'"):
         load_config(None, _config(tmp_path))
+
+
+def test_shut_down_ends_the_process_group_and_is_harmless_without_one(tmp_path):
+    from unialign.distributed import shut_down
+
+    shut_down()  # none started: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    shut_down()
+    assert not torch.distributed.is_initialized()

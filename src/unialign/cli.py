@@ -181,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from unialign.distributed import shut_down
     from unialign.pipeline import train
 
     result = train(args.config, **_overrides(args.overrides))
+    shut_down()
     print(f"model saved to {result.model_dir}")
     print(f"metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0

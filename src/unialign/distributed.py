@@ -69,6 +69,13 @@ def _deepspeed_config_stage(deepspeed) -> int | None:
     return None
 
 
+def shut_down() -> None:
+    """End this process's part in the process group, if one was started (the CLI calls this after training:
+    leaving it to interpreter exit can abort a process in gloo's or DeepSpeed's C++ teardown)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_engine(cfg) -> None:
     """Refuse a run that asked for DeepSpeed or FSDP but would train without it.
 

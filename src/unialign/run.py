@@ -146,6 +146,9 @@ def run_training(trainer, cfg: UnialignConfig, method: Method, train_data, outpu
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         metrics = final_metrics(trainer.state.log_history)
         model_dir = save_model_atomically(trainer, cfg, method, train_data, metrics, output_dir)
+        # The other processes return only once the main one has published the model: a process that leaves
+        # while another still works beside a live process group can abort in its C++ teardown (seen under ZeRO-3).
+        trainer.accelerator.wait_for_everyone()
         if main:
             from unialign.plots import plot_run
 

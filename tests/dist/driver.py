@@ -23,6 +23,7 @@ if not os.environ.get("UNIALIGN_TEST_NO_SWITCH"):
     cpu_engines.enable()
 
 import unialign  # noqa: E402
+from unialign.distributed import shut_down  # noqa: E402
 from unialign.trainer import UnialignTrainer  # noqa: E402
 
 kill_at = os.environ.get("UNIALIGN_TEST_KILL_AT_STEP")
@@ -65,3 +66,4 @@ report = {
 }
 with open(os.path.join(config["output_dir"] + ".report", f"rank{state.process_index}.json"), "w") as handle:
     json.dump(report, handle)
+shut_down()  # as the CLI does after training
