@@ -456,7 +456,7 @@ def completion_layout(target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.where(mask, index, first[:, None]), mask
 
 
-def logps_and_entropy(model, batch: dict, index: torch.Tensor, mask: torch.Tensor, temperature: float,
+def logps_and_entropy(model, batch: Batch, index: torch.Tensor, mask: torch.Tensor, temperature: float,
                       rows: int | None = None, entropy: bool = True):
     """``(N, T)`` log-probs of the completion tokens under ``softmax(logits / temperature)``, and its entropy.
 
@@ -468,12 +468,12 @@ def logps_and_entropy(model, batch: dict, index: torch.Tensor, mask: torch.Tenso
         ``(logps, entropy)``; ``entropy`` is ``None`` when not asked for.
     """
     out_logps, out_entropy = [], []
-    count = batch["input_ids"].shape[0]
+    count = batch.input_ids.shape[0]
     rows = count if rows is None else max(1, rows)
     for start in range(0, count, rows):
         part = slice(start, start + rows)
-        ids, positions = batch["input_ids"][part], index[part]
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"][part], use_cache=False).logits
+        ids, positions = batch.input_ids[part], index[part]
+        logits = model(input_ids=ids, attention_mask=batch.attention_mask[part], use_cache=False).logits
         sources = (positions - 1).clamp(min=0)
         picked = logits.gather(1, sources[..., None].expand(-1, -1, logits.shape[-1])).float()
         picked = (picked / temperature).log_softmax(-1)

@@ -30,9 +30,9 @@ class ValueModel(nn.Module):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return inner.score(hidden).squeeze(-1).float()
 
-    def completion_values(self, batch: dict, index: Tensor, mask: Tensor) -> Tensor:
+    def completion_values(self, batch, index: Tensor, mask: Tensor) -> Tensor:
         """``(N, T)`` values of the states before each completion token (``index``: their columns), 0 on padding."""
-        values = self(batch["input_ids"], batch["attention_mask"])
+        values = self(batch.input_ids, batch.attention_mask)
         return values.gather(1, (index - 1).clamp(min=0)) * mask
 
     def parameter_counts(self) -> dict[str, int]:
