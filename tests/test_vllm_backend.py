@@ -152,13 +152,18 @@ def test_weights_are_pushed_once_per_optimizer_step(fake_vllm, tiny_model_dir, m
 
 
 # ----------------------------------------------------------------------------- in the online trainer
-def test_online_training_samples_through_the_engine_with_the_current_weights(fake_vllm, tiny_model_dir, tmp_path,
-                                                                             tokenizer, monkeypatch):
+def _samples_upper_then_lower(tokenizer, monkeypatch):
+    """The stand-in engine answers every prompt with "ABC DEF" + EOS, then "abc def" cut at the length limit."""
     eos = tokenizer.eos_token_id
     upper = tokenizer("ABC DEF", add_special_tokens=False).input_ids
     lower = tokenizer("abc def", add_special_tokens=False).input_ids
     monkeypatch.setattr(FakeLLM, "script", lambda prompt, n: [(upper + [eos], "stop"), (lower, "length")][:n])
     monkeypatch.setattr("unialign.online.trainer.check_backend", lambda name: None)  # no GPU here; vllm is faked
+
+
+def test_online_training_samples_through_the_engine_with_the_current_weights(fake_vllm, tiny_model_dir, tmp_path,
+                                                                             tokenizer, monkeypatch):
+    _samples_upper_then_lower(tokenizer, monkeypatch)
     result = unialign.train(_config(tiny_model_dir, tmp_path, generation_backend="vllm", max_steps=3,
                                     num_generations=2, use_peft=True, lora_r=4, lora_alpha=8, max_length=64,
                                     vllm_gpu_memory_utilization=0.4))
@@ -183,11 +188,7 @@ def test_online_training_samples_through_the_engine_with_the_current_weights(fak
 @pytest.mark.parametrize("loss_type", ["grpo", "rloo", "ppo"])
 def test_the_policy_gradient_methods_sample_through_the_engine_too(fake_vllm, tiny_model_dir, tmp_path, tokenizer,
                                                                    monkeypatch, loss_type):
-    eos = tokenizer.eos_token_id
-    upper = tokenizer("ABC DEF", add_special_tokens=False).input_ids
-    lower = tokenizer("abc def", add_special_tokens=False).input_ids
-    monkeypatch.setattr(FakeLLM, "script", lambda prompt, n: [(upper + [eos], "stop"), (lower, "length")][:n])
-    monkeypatch.setattr("unialign.online.trainer.check_backend", lambda name: None)  # no GPU here; vllm is faked
+    _samples_upper_then_lower(tokenizer, monkeypatch)
     extra = {"num_ppo_epochs": 1} if loss_type == "ppo" else {}  # one rollout per optimizer step, as the others
     unialign.train(_config(tiny_model_dir, tmp_path, loss_type=loss_type, generation_backend="vllm", max_steps=2,
                            num_generations=2, use_peft=True, lora_r=4, lora_alpha=8, max_length=64,
