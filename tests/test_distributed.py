@@ -71,11 +71,12 @@ def test_the_requested_engine_is_read_from_the_launch_and_the_config(no_engine_e
 @pytest.mark.parametrize(
     "env,extra,loss_type,message",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, {}, "una_online",
-         r"config key 'loss_type' is una_online: online training \(una_online\) under DeepSpeed ZeRO-3 is not "
-         r"supported yet"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, {}, "una_online",
-         r"online training \(una_online\) under FSDP2 is not supported yet"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, {}, "ppo",
+         r"config key 'loss_type' is ppo: ppo's value model trains in a second parameter group of the policy's "
+         r"optimizer, outside the model DeepSpeed ZeRO-2 wraps"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, {}, "ppo",
+         r"outside the model FSDP2 wraps, so the engine would neither shard nor reduce its gradients; train it with "
+         r"DDP"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {}, "dpo",
          r"config key 'fsdp_version' is 1: unialign trains under FSDP2 only"),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, {"logprob_impl": "chunked"},

@@ -124,6 +124,14 @@ def zero_stage(accelerator) -> int | None:
     return plugin.zero_stage if plugin is not None else None
 
 
+def shards_weights(accelerator) -> bool:
+    """Whether the weights are split over several processes (ZeRO-3, FSDP), so that every forward is a collective."""
+    if accelerator.num_processes < 2:
+        return False
+    engine = engine_of(accelerator)
+    return engine == "fsdp" or (engine == "deepspeed" and zero_stage(accelerator) == 3)
+
+
 def prepare_reference(accelerator, model):
     """A frozen reference model placed the way the engine needs it, in eval mode, without gradients.
 
@@ -207,11 +215,13 @@ def check_combination(cfg, method) -> None:
                 f"is {version}: unialign trains under FSDP2 only (fsdp_version: 2, as in "
                 "examples/accelerate/fsdp.yaml); FSDP1 is not tested",
             )
-    if method.online:
+    if method.needs_value_model:
         raise ConfigError(
             "loss_type",
-            f"is {method.name}: online training ({method.name}) under {name} is not supported yet (sampling from a "
-            "sharded policy is untested); train it with DDP (accelerate launch without the DeepSpeed/FSDP config)",
+            f"is {method.name}: {method.name}'s value model trains in a second parameter group of the policy's "
+            f"optimizer, outside the model {name} wraps, so the engine would neither shard nor reduce its "
+            "gradients; train it with DDP (accelerate launch without the DeepSpeed/FSDP config), or use grpo, "
+            "rloo or una_online, which have no value model",
         )
     sharded_weights = engine == "fsdp" or describe_engine(cfg).endswith("ZeRO-3")
     if sharded_weights and cfg.logprob_impl == "chunked":

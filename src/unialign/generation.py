@@ -99,8 +99,14 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, progress
 
 
 def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
-                      progress: bool = False, desc: str = "generating") -> list[list[Generation]]:
+                      progress: bool = False, desc: str = "generating",
+                      synced: bool = False) -> list[list[Generation]]:
     """:func:`generate` for prompts that are already token ids (online training tokenizes them once).
+
+    ``synced``: under ZeRO-3 and FSDP2 a forward gathers weights from every process, so all processes must make
+    the same number of forwards: one whose completions have all ended keeps stepping until every process's
+    have (transformers' ``synced_gpus``). transformers guesses this from global state when it is not given;
+    online training passes it from the engine it runs under (:func:`unialign.distributed.shards_weights`).
 
     Returns one list of ``num_return_sequences`` :class:`Generation` per prompt, in prompt order.
     """
@@ -114,7 +120,7 @@ def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], config: Gen
     try:
         for start in range(0, len(prompt_ids), config.batch_size):
             batch = prompt_ids[start : start + config.batch_size]
-            results.extend(_generate_batch(model, tokenizer, batch, config, device))
+            results.extend(_generate_batch(model, tokenizer, batch, config, device, synced))
             bar.update(len(batch))
     finally:
         bar.close()
@@ -123,7 +129,8 @@ def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], config: Gen
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig, device):
+def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig, device,
+                    synced: bool = False):
     width = max(len(ids) for ids in prompt_ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
@@ -142,6 +149,7 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: Gener
         num_return_sequences=config.num_return_sequences,
         pad_token_id=pad,
         eos_token_id=stops,
+        synced_gpus=synced,
     )
     new_tokens = output[:, width:].tolist()
     per_prompt = []

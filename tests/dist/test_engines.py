@@ -308,3 +308,107 @@ def test_fsdp_with_use_cpu_on_two_processes_is_refused_instead_of_training_as_dd
     assert ("error: config key 'fsdp' asks for FSDP, but accelerate would train plain DDP over 2 CPU processes "
             "(use_cpu) on this machine, without FSDP") in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def save_early_stopping_model(folder: Path, tokenizer) -> str:
+    """A tiny model whose sampled completions end after a few tokens, at lengths that differ between prompts.
+
+    Its LM head scores the end-of-sequence token by the first feature of the last token's embedding, which is
+    positive for 60% of the vocabulary (and negative for the chat template's last prompt token, so no completion is
+    empty); the other tokens get small context-dependent scores. So the two processes' completions end at different
+    steps, and under ZeRO-3/FSDP2 the one that finishes first must keep stepping with the other (``synced``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import save_tiny_llama
+
+    save_tiny_llama(folder, tokenizer, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+        head.copy_(torch.randn(head.shape, generator=generator) * 0.3)
+        head[:, 0] = 0
+        head[tokenizer.eos_token_id] = 0
+        head[tokenizer.eos_token_id, 0] = 20.0
+        sign = (torch.rand(head.shape[0], generator=generator) < 0.6).float() * 2 - 1
+        last = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
+        last = last["input_ids"] if not isinstance(last, list) else last
+        sign[last[-1]] = -1
+        embed[:, 0] = 3 * sign
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+ONLINE = {
+    "una_online": {"loss_type": "una_online", "beta": 0.02, "reward_normalization": "running"},
+    "grpo": {"loss_type": "grpo"},
+    "rloo": {"loss_type": "rloo"},
+}
+
+
+@pytest.fixture(scope="module")
+def online_setup(tokenizer, tmp_path_factory):
+    """The early-stopping model, eight prompts, and the DDP run of each online method (trained once per module)."""
+    folder = tmp_path_factory.mktemp("online")
+    model_dir = save_early_stopping_model(folder / "model", tokenizer)
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": conversation(f"Say something about {t}.")}) for t in TOPICS))
+    ddp: dict[str, Path] = {}
+
+    def config(method: str, output_dir: Path, **extra) -> dict:
+        return base_config(model_dir, prompts, output_dir, 2, max_steps=3, reward=
+                           "callable:tests.test_online:uppercase_share", num_generations=4, max_completion_length=12,
+                           temperature=0.05, lr_scheduler_type="constant", **ONLINE[method], **extra)
+
+    def ddp_run(method: str) -> Path:
+        if method not in ddp:
+            run = folder / f"ddp-{method}"
+            torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+            path = folder / f"ddp-{method}.json"
+            path.write_text(json.dumps(config(method, run, use_cpu=True)))
+            Path(str(run) + ".report").mkdir()
+            done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), str(DRIVER),
+                                   str(path)], env=environment(UNIALIGN_TEST_NO_SWITCH="1"), capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+            ddp[method] = run
+        return ddp[method]
+
+    return config, ddp_run
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("method", list(ONLINE))
+def test_online_methods_under_the_engine_match_ddp(engine, method, online_setup, tmp_path):
+    """Sampling from the sharded policy (weights gathered layer by layer in each forward) gives DDP's rollouts.
+
+    Compared with DDP over the same two processes, not with one process: each process samples its own prompts'
+    completions from its own random stream, so one process sampling all of them draws other completions.
+    """
+    config, ddp_run = online_setup
+    ddp = ddp_run(method)
+    run = tmp_path / "run"
+    launch(engine, config(method, run), tmp_path)
+
+    ranks = reports(run)
+    assert {r["distributed_type"] for r in ranks} == {"FSDP" if engine == "fsdp2" else "DEEPSPEED"}
+    if engine != "zero2":
+        assert all(r["policy_local_numel"] < 0.6 * reports(ddp)[0]["policy_local_numel"] for r in ranks)
+    # The completions ended early, at different lengths (so the processes finished sampling at different steps
+    # unless kept in step), and they are DDP's: same lengths, same rewards, same losses, same final weights.
+    lengths = metric(run, "completions/mean_length")
+    assert all(1 < n < 12 for n in lengths), lengths
+    for key in ("completions/mean_length", "reward", "loss"):
+        assert metric(run, key) == pytest.approx(metric(ddp, key), abs=1e-5), key
+    # The gradient norm (6-20 here, from the rigged head): the engines sum squares over their partitions in another
+    # order; measured up to 2.1e-5 relative (RLOO, ZeRO-2, step 1).
+    assert metric(run, "grad_norm") == pytest.approx(metric(ddp, "grad_norm"), rel=1e-4)
+    trained = load_file(run / "model" / "model.safetensors")
+    expected = load_file(ddp / "model" / "model.safetensors")
+    assert sorted(trained) == sorted(expected)
+    # Measured: all equal to 1e-5 but one element of the 1.57M of the LM head, 2.5e-5 apart after 3 steps (RLOO):
+    # Adam divides each gradient by its own running RMS, so round-off in a tiny gradient moves that weight's step.
+    # A wrong rollout or a missed reduction moves weights by about the learning rate (1e-2).
+    for name in expected:
+        torch.testing.assert_close(trained[name], expected[name], atol=1e-4, rtol=0)

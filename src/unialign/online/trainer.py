@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from unialign.data.collate import Batch
+from unialign.distributed import shards_weights
 from unialign.evaluate import eval_mode
 from unialign.generation import Generation, GenerationConfig, check_backend, completion_ids, generate_from_ids
 from unialign.losses.base import masked_mean
@@ -189,7 +190,8 @@ class OnlineTrainer(UnialignTrainer):
         """Sample ``num_generations`` completions per prompt from the current policy with the configured backend."""
         policy = self.accelerator.unwrap_model(model)
         if self.args.generation_backend != "vllm":
-            return generate_from_ids(policy, self.processing_class, prompt_ids, self.sampling)
+            return generate_from_ids(policy, self.processing_class, prompt_ids, self.sampling,
+                                     synced=shards_weights(self.accelerator))
         if self._vllm is None:
             self._vllm = self._start_vllm()
         self._vllm.sync_weights(policy, self.state.global_step)
@@ -424,7 +426,8 @@ class OnlineTrainer(UnialignTrainer):
             max_new_tokens=self.args.max_completion_length, temperature=0, batch_size=16, seed=None,
             repetition_penalty=1.0,
         )
-        groups = generate_from_ids(policy, self.processing_class, [r.prompt_ids for r in self.eval_prompts], greedy)
+        groups = generate_from_ids(policy, self.processing_class, [r.prompt_ids for r in self.eval_prompts], greedy,
+                                   synced=shards_weights(self.accelerator))
         samples = [group[0] for group in groups]
         rewards = torch.tensor(self.reward([r.prompt for r in self.eval_prompts], [g.text for g in samples]))
         metrics = {
