@@ -78,6 +78,9 @@ def test_online_una_raises_the_reward(tiny_model_dir, tmp_path):
         assert key in logs[0], key
     assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first samples come from π_θ = π_ref
     assert logs[0]["completions/mean_length"] <= 16
+    # Entropy of softmax(logits / 0.05) over the samples, recorded while sampling (tests/test_generation_entropy.py
+    # checks the values); below the uniform log(49152) = 10.80 at this low temperature, and above 0.
+    assert 0 < logs[0]["entropy"] < 10.8
     run = tmp_path / "run"
     assert (run / "config.json").is_file() and (run / "model" / "model.safetensors").is_file()
     assert json.loads((run / "config.json").read_text())["loss_type"] == "una_online"

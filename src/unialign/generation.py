@@ -29,6 +29,8 @@ class GenerationConfig:
     # None keeps the model's generation_config value; online training sets 1.0 so that samples come
     # from the policy's own distribution.
     repetition_penalty: float | None = None
+    # Record each sampled token's entropy (Generation.entropy) from the logits generate computes anyway.
+    record_entropy: bool = False
 
     def __post_init__(self):
         """Refuse settings ``generate`` would silently misread (a negative temperature decodes greedily)."""
@@ -82,6 +84,9 @@ class Generation:
     token_ids: list[int]
     ended: bool
     stop_id: int | None = None
+    # Per sampled token (the stop token included): the entropy of the distribution it was drawn from,
+    # softmax(logits / temperature) before top_p; only when asked for (GenerationConfig.record_entropy).
+    entropy: list[float] | None = None
 
     def __post_init__(self):
         if self.ended and self.stop_id is None:
@@ -137,6 +142,7 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: Gener
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
     sample = config.temperature > 0
     stops = stop_token_ids(tokenizer)
+    recorder = _EntropyRecorder(config.temperature) if config.record_entropy and sample else None
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention,
@@ -150,13 +156,39 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: Gener
         pad_token_id=pad,
         eos_token_id=stops,
         synced_gpus=synced,
+        logits_processor=[recorder] if recorder is not None else None,
     )
     new_tokens = output[:, width:].tolist()
     per_prompt = []
     k = config.num_return_sequences
     for i in range(len(prompt_ids)):
         per_prompt.append([to_generation(ids, tokenizer, stops) for ids in new_tokens[i * k : (i + 1) * k]])
+    if recorder is not None:
+        entropy = recorder.table().tolist()
+        for row, generation in enumerate(g for group in per_prompt for g in group):
+            generation.entropy = entropy[row][: len(generation.token_ids) + generation.ended]
     return per_prompt
+
+
+class _EntropyRecorder:
+    """A logits processor that only looks: at each step the entropy of ``softmax(scores / temperature)`` per row.
+
+    transformers runs the processors it is given before its own temperature and top-p warpers, so ``scores``
+    are the model's logits (after any repetition penalty, 1.0 in online training).
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        self.steps.append(torch.special.entr(probs).sum(-1))
+        return scores
+
+    def table(self) -> torch.Tensor:
+        """``(rows, steps)`` entropies; a row's entries after its stop token belong to padding."""
+        return torch.stack(self.steps, dim=1).cpu()
 
 
 def to_generation(ids: list[int], tokenizer, stops: list[int]) -> Generation:

@@ -39,6 +39,29 @@ if kill_at is not None:
 
     UnialignTrainer.training_step = killing_step
 
+def _status_mib(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+
+
+# The peak resident memory of the setup (loading, the engines' wrapping, reference precompute) and, separately, of
+# the training steps: at the first training step the setup's peak is read and the kernel's high-water mark reset
+# (writing 5 to /proc/self/clear_refs), so VmHWM at the end is the peak over the steps alone.
+phases = {}
+_step = UnialignTrainer.training_step
+
+
+def measured_step(self, *args, **kwargs):
+    if "setup_peak_rss_mib" not in phases:
+        phases["setup_peak_rss_mib"] = _status_mib("VmHWM")
+        phases["rss_at_first_step_mib"] = _status_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    return _step(self, *args, **kwargs)
+
+
+UnialignTrainer.training_step = measured_step
+
 config = json.loads(open(sys.argv[1]).read())
 result = unialign.train(config)
 trainer = result.trainer
@@ -59,10 +82,15 @@ report = {
         p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local().numel() if hasattr(p, "to_local")
                                                               else p.numel()) for p in reference.parameters()),
     "reference_forwards": trainer.reference_forwards,
-    # Peak resident memory of this process over the whole run (Linux reports KiB).
-    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # Peak resident memory of this process over the whole run (Linux reports KiB; the reset of the high-water mark
+    # at the first step can lower ru_maxrss, so the setup's peak is taken too).
+    "peak_rss_mib": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        phases.get("setup_peak_rss_mib", 0.0)),
     # Resident memory now, after training and the final save (models, optimizer state still held).
-    "end_rss_mib": next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024,
+    "end_rss_mib": _status_mib("VmRSS"),
+    # Peak over the training steps and the final save (see measured_step).
+    "steps_peak_rss_mib": _status_mib("VmHWM"),
+    **phases,
 }
 with open(os.path.join(config["output_dir"] + ".report", f"rank{state.process_index}.json"), "w") as handle:
     json.dump(report, handle)

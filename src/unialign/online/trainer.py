@@ -99,6 +99,8 @@ class OnlineTrainer(UnialignTrainer):
             batch_size=max(1, cfg.per_device_train_batch_size),
             seed=None,  # Trainer seeded the global RNG once; reseeding per step would repeat the samples
             repetition_penalty=1.0,
+            # The token-level methods compute entropy in their own no-grad pass over the samples.
+            record_entropy=not self.method.token_level,
         )
         self._rollouts: dict[tuple[int, ...], Rollout] = {}
         self._vllm = None  # the colocated engine, started on the first rollout with generation_backend: vllm
@@ -240,6 +242,9 @@ class OnlineTrainer(UnialignTrainer):
         else:
             metrics, signal_name, signal = self._una_rollout(model, batch, raw, penalized, len(records))
 
+        entropies = [e for g in samples if g.entropy is not None for e in g.entropy]
+        if entropies and "entropy" not in metrics:
+            metrics["entropy"] = torch.tensor(entropies).mean()
         lengths = batch.target_mask.sum(-1).float()
         metrics |= {
             "reward": raw.mean(),
