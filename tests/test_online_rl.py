@@ -87,6 +87,13 @@ def test_ppo_trains_a_value_model_over_epochs_of_minibatches_and_checkpoints_it(
     logs = _logs(tmp_path / "run")
     assert ["objective/kl" in x for x in logs] == [True, False, False, False]
 
+    # The final value model is saved inside model/, in the Hugging Face layout, with the trained weights.
+    from transformers import AutoModelForSequenceClassification
+
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model" / "value_model")
+    for name, weight in trainer.value_model.model.state_dict().items():
+        assert torch.equal(value.state_dict()[name], weight.cpu()), name
+
 
 def test_ppo_resume_restores_the_value_model(tiny_model_dir, tmp_path):
     config = _rl_config(tiny_model_dir, tmp_path, "ppo", num_ppo_epochs=1, max_steps=2, max_completion_length=4,
@@ -116,3 +123,31 @@ def test_too_many_minibatches_is_refused(tiny_model_dir, tmp_path):
                         max_steps=1, max_completion_length=4, num_generations=2)
     with pytest.raises(ValueError, match="'num_mini_batches' \\(3\\) is larger than the 2 prompts"):
         unialign.train(config)
+
+
+def test_ppo_with_lora_saves_the_value_model_merged(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from unialign.online.trainer import OnlineTrainer
+
+    batch = torch.tensor([[5, 6, 7, 8]])
+    before_save = {}
+    save = OnlineTrainer.save_companion_models
+
+    def recording_save(self, model_dir):
+        with torch.no_grad():  # the LoRA-wrapped value model's values, before merging
+            before_save["values"] = self.value_model(batch, torch.ones_like(batch))
+        return save(self, model_dir)
+
+    monkeypatch.setattr(OnlineTrainer, "save_companion_models", recording_save)
+    config = _rl_config(tiny_model_dir, tmp_path, "ppo", num_ppo_epochs=1, max_steps=1, max_completion_length=4,
+                        per_device_train_batch_size=2, num_generations=2, use_peft=True, lora_r=4, lora_alpha=8,
+                        lora_dropout=0.0)
+    unialign.train(config)
+
+    folder = tmp_path / "run" / "model" / "value_model"
+    assert not (folder / "adapter_config.json").exists()
+    value = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        hidden = value.model(input_ids=batch).last_hidden_state
+        torch.testing.assert_close(value.score(hidden).squeeze(-1), before_save["values"], atol=1e-5, rtol=1e-5)

@@ -308,4 +308,5 @@ def save_final_model(trainer: UnialignTrainer, cfg: UnialignConfig, model_dir: P
         model = model.merge_and_unload()
     model.save_pretrained(model_dir, safe_serialization=True)
     trainer.processing_class.save_pretrained(model_dir)
+    trainer.save_companion_models(model_dir)
     return model_dir

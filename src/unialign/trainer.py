@@ -495,6 +495,9 @@ class UnialignTrainer(Trainer):
         """Drop the separate reference model (after precomputing, nothing needs it)."""
         self.ref_model = None
 
+    def save_companion_models(self, model_dir: Path) -> None:
+        """Write models trained beside the policy into ``model_dir`` (the final model's folder); none here."""
+
     # ----------------------------------------------------------------- batches and transformers.Trainer
     def _prepare_inputs(self, inputs):
         """A :class:`Batch` moves to the device whole; its float fields keep float32 (Trainer's own

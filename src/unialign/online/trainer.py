@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 MOMENTS_KEY = "una_online_reward_moments"
 TIMERS = ("generation", "scoring", "old_logps", "reference", "value")
 VALUE_WEIGHTS = "value_model.safetensors"
+VALUE_MODEL_DIR = "value_model"  # inside the final model's folder
 
 
 class OnlineTrainer(UnialignTrainer):
@@ -406,6 +407,20 @@ class OnlineTrainer(UnialignTrainer):
 
             state = {k: v.detach().contiguous().cpu() for k, v in self.value_model.state_dict().items()}
             save_file(state, str(Path(output_dir) / VALUE_WEIGHTS))
+
+    def save_companion_models(self, model_dir: Path) -> None:
+        """PPO: the trained value model in ``model_dir/value_model`` (sequence classifier, Hugging Face layout).
+
+        ``AutoModelForSequenceClassification.from_pretrained`` loads it; LoRA adapters are merged unless
+        ``save_merged`` is false, as for the policy.
+        """
+        if self.value_model is None:
+            return
+        model = self.value_model.model
+        if self.args.use_peft and self.args.save_merged:
+            model = model.merge_and_unload()  # at the end of the run, as the policy is merged
+        model.save_pretrained(model_dir / VALUE_MODEL_DIR, safe_serialization=True)
+        self.processing_class.save_pretrained(model_dir / VALUE_MODEL_DIR)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Restore the value model's weights (before its optimizer state) when resuming."""
