@@ -13,7 +13,7 @@ from unialign.losses.registry import get_method
 from unialign.trainer import precompute_plan
 
 ENGINE_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION",
-              "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "ACCELERATE_USE_CPU")
+              "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "ACCELERATE_USE_CPU", "ACCELERATE_DEEPSPEED_CONFIG_FILE")
 
 
 @pytest.fixture
@@ -66,6 +66,15 @@ def test_the_requested_engine_is_read_from_the_launch_and_the_config(no_engine_e
     no_engine_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     no_engine_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert requested_engine(cfg) == "deepspeed" and describe_engine(cfg) == "DeepSpeed ZeRO-2"
+    # An accelerate config with a DeepSpeed JSON (deepspeed_config_file) sets no stage variable: read the file.
+    no_engine_env.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    json_file = tmp_path / "ds.json"
+    json_file.write_text('{"zero_optimization": {"stage": 3}}')
+    no_engine_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(json_file))
+    assert describe_engine(cfg) == "DeepSpeed ZeRO-3"
+    with pytest.raises(ConfigError, match=r"'logprob_impl' is chunked: under DeepSpeed ZeRO-3"):
+        cfg_chunked = load_config(None, _config(tmp_path, logprob_impl="chunked"))
+        check_combination(cfg_chunked, get_method("dpo").for_config(cfg_chunked))
 
 
 @pytest.mark.parametrize(

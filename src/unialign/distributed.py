@@ -47,6 +47,8 @@ def describe_engine(cfg=None) -> str:
     engine = requested_engine(cfg)
     if engine == "deepspeed":
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None:  # a DeepSpeed JSON: accelerate's deepspeed_config_file, or the config's deepspeed key
+            stage = _deepspeed_config_stage(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
         if stage is None and cfg is not None:
             stage = _deepspeed_config_stage(cfg.deepspeed)
         return f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed"
