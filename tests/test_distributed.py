@@ -158,3 +158,22 @@ def test_shut_down_ends_the_process_group_and_is_harmless_without_one(tmp_path):
     assert torch.distributed.is_initialized()
     shut_down()
     assert not torch.distributed.is_initialized()
+
+
+def test_deepspeed_bucket_sizes_left_unset_become_auto_and_set_ones_are_kept():
+    from types import SimpleNamespace
+
+    from unialign.distributed import size_buckets_to_model
+
+    def accelerator(zero):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+            deepspeed_config={"zero_optimization": zero})))
+
+    zero3 = {"stage": 3, "stage3_prefetch_bucket_size": 1000}
+    assert size_buckets_to_model(accelerator(zero3)) == ["reduce_bucket_size", "stage3_param_persistence_threshold"]
+    assert zero3 == {"stage": 3, "stage3_prefetch_bucket_size": 1000, "reduce_bucket_size": "auto",
+                     "stage3_param_persistence_threshold": "auto"}
+    zero2 = {"stage": 2}
+    assert size_buckets_to_model(accelerator(zero2)) == ["reduce_bucket_size"]
+    assert zero2 == {"stage": 2, "reduce_bucket_size": "auto"}
+    assert size_buckets_to_model(SimpleNamespace(state=SimpleNamespace())) == []  # no DeepSpeed

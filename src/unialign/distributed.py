@@ -134,6 +134,31 @@ def shards_weights(accelerator) -> bool:
     return engine == "fsdp" or (engine == "deepspeed" and zero_stage(accelerator) == 3)
 
 
+# DeepSpeed's own defaults for these are fixed sizes (reduce_bucket_size 5e8 elements: a 2 GB fp32 gradient bucket
+# allocated whole on every process), meant for billion-parameter models. Hugging Face's "auto" sizes them from the
+# model's hidden size, but accelerate's YAML keys (examples/accelerate/*.yaml) cannot say "auto".
+BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def size_buckets_to_model(accelerator) -> list[str]:
+    """Under DeepSpeed, set the bucket sizes the launch left unset to ``"auto"``; the keys it set are kept.
+
+    ``Trainer`` then fills them from the model's hidden size ``h`` when the engine starts (``h²``, ``0.9·h²``,
+    ``10·h``), as in the DeepSpeed JSONs of the Hugging Face docs. Measured on the 135M model under ZeRO-3
+    (docs/distributed.md): without this every process held a 1907 MiB bucket, 3.7× its share of the weights.
+    Returns the keys it set.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return []
+    zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+    keys = BUCKET_KEYS if zero.get("stage") == 3 else BUCKET_KEYS[:1]
+    added = [key for key in keys if key not in zero]
+    for key in added:
+        zero[key] = "auto"
+    return added
+
+
 def prepare_reference(accelerator, model):
     """A frozen reference model placed the way the engine needs it, in eval mode, without gradients.
 

@@ -35,7 +35,7 @@ from unialign.checkpoints import (
 from unialign.data.collate import Batch, has_shared_prompts, pack_shared_prefix, split_kl_rows
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import TokenizedDataset, store_values
-from unialign.distributed import gather_rows, prepare_reference, release_gathered
+from unialign.distributed import BUCKET_KEYS, gather_rows, prepare_reference, release_gathered, size_buckets_to_model
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, strip_wrappers, token_logps, unwrap
 from unialign.losses.base import MethodInputs
 from unialign.losses.registry import Method
@@ -102,6 +102,8 @@ class UnialignTrainer(Trainer):
         self._nonfinite_since_log = 0
         self._steps_since_log = 0
         self._data_fingerprint: str | None = None
+        if size_buckets_to_model(self.accelerator):
+            logger.info("DeepSpeed: bucket sizes the launch left unset are sized to the model (%s)", BUCKET_KEYS)
         if ref_model is not None:
             self.ref_model = prepare_reference(self.accelerator, ref_model)
         impl = self.args.logprob_impl

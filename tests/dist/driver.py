@@ -5,11 +5,14 @@ then trains with ``unialign.train(config)``; the run folder's ``metrics.jsonl`` 
 the tests compare.
 """
 
+import gc
 import json
 import os
 import resource
 import signal
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +26,7 @@ if not os.environ.get("UNIALIGN_TEST_NO_SWITCH"):
     cpu_engines.enable()
 
 import unialign  # noqa: E402
+from unialign.allocator import malloc_in_use_bytes  # noqa: E402
 from unialign.distributed import shut_down  # noqa: E402
 from unialign.trainer import UnialignTrainer  # noqa: E402
 
@@ -51,12 +55,22 @@ phases = {}
 _step = UnialignTrainer.training_step
 
 
+def _watch_heap() -> None:
+    """Track the peak of the C heap's bytes in use (glibc mallinfo2; RSS also counts freed pages kept for reuse)."""
+    while True:
+        phases["steps_peak_in_use_mib"] = max(phases.get("steps_peak_in_use_mib", 0.0), malloc_in_use_bytes() / 2**20)
+        time.sleep(0.005)
+
+
 def measured_step(self, *args, **kwargs):
     if "setup_peak_rss_mib" not in phases:
         phases["setup_peak_rss_mib"] = _status_mib("VmHWM")
         phases["rss_at_first_step_mib"] = _status_mib("VmRSS")
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
+        if malloc_in_use_bytes() is not None:
+            phases["in_use_at_first_step_mib"] = malloc_in_use_bytes() / 2**20
+            threading.Thread(target=_watch_heap, daemon=True).start()
     return _step(self, *args, **kwargs)
 
 
@@ -82,6 +96,8 @@ report = {
         p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local().numel() if hasattr(p, "to_local")
                                                               else p.numel()) for p in reference.parameters()),
     "reference_forwards": trainer.reference_forwards,
+    # The gradient bucket DeepSpeed's ZeRO optimizer allocated (elements), else None.
+    "reduce_bucket_size": getattr(getattr(trainer.model_wrapped, "optimizer", None), "reduce_bucket_size", None),
     # Peak resident memory of this process over the whole run (Linux reports KiB; the reset of the high-water mark
     # at the first step can lower ru_maxrss, so the setup's peak is taken too).
     "peak_rss_mib": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -90,6 +106,8 @@ report = {
     "end_rss_mib": _status_mib("VmRSS"),
     # Peak over the training steps and the final save (see measured_step).
     "steps_peak_rss_mib": _status_mib("VmHWM"),
+    # The C heap's bytes in use after training (what the process still holds: weights, optimizer state).
+    "end_in_use_mib": (gc.collect(), malloc_in_use_bytes() / 2**20)[1] if malloc_in_use_bytes() is not None else None,
     **phases,
 }
 with open(os.path.join(config["output_dir"] + ".report", f"rank{state.process_index}.json"), "w") as handle:

@@ -192,6 +192,10 @@ def test_two_processes_under_the_engine_match_one_process(engine, case, tiny_mod
     assert {r["distributed_type"] for r in ranks} == {expected_type}
     assert {r["num_processes"] for r in ranks} == {2}
     assert {r["zero_stage"] for r in ranks} == {{"zero2": 2, "zero3": 3, "fsdp2": None}[engine]}
+    if engine != "fsdp2":
+        # The gradient bucket is sized to the model (hidden 32: 32², Trainer's "auto"), not DeepSpeed's 5e8-element
+        # default that accelerate's YAML leaves in place (distributed.size_buckets_to_model).
+        assert {r["reduce_bucket_size"] for r in ranks} == {32 * 32}
     total = reports(one)[0]["policy_local_numel"]
     for rank in ranks:
         if engine == "zero2":
