@@ -212,3 +212,24 @@ def test_padding_free_refusals(tiny_model_dir, tmp_path):
 def test_segment_plan_refuses_unordered_segments():
     with pytest.raises(ValueError, match=r"is not ordered key_start <= prefix_end <= start < end"):
         SegmentPlan.build([[Segment(0, 5, 3, 8)]])
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_training_padding_free_logs_the_padded_runs_losses(tiny_model_dir, data_file, tmp_path, use_peft):
+    """Two DPO steps end to end (reference forward included; with LoRA, the adapter-disabled reference)."""
+    import json
+
+    import unialign
+    from tests.conftest import tiny_dpo_config
+
+    logs = {}
+    for name, extra in {"padded": {"prefix_sharing": False}, "padding-free": {"padding_free": True}}.items():
+        peft = {"use_peft": True, "lora_r": 4, "save_merged": False} if use_peft else {}
+        result = unialign.train(tiny_dpo_config(tiny_model_dir, data_file, tmp_path / name, **extra, **peft))
+        assert result.trainer.segment_attention == (name == "padding-free")
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        logs[name] = [json.loads(line) for line in lines if '"loss"' in line]
+    assert len(logs["padded"]) == len(logs["padding-free"]) == 2
+    for padded, packed in zip(logs["padded"], logs["padding-free"]):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert packed[key] == pytest.approx(padded[key], abs=1e-5, rel=1e-5), key
