@@ -15,7 +15,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from tests.test_prefix_sharing import _trainer
-from unialign.attention import SEGMENT_ATTENTION, Segment, SegmentPlan
+from unialign.attention import SEGMENT_ATTENTION, Segment, SegmentPlan, placeholder_mask
 from unialign.config import ConfigError, UnialignConfig
 from unialign.data.collate import PreferenceCollator, pack_segments
 from unialign.data.tokenize import TokenizedExample
@@ -233,3 +233,15 @@ def test_training_padding_free_logs_the_padded_runs_losses(tiny_model_dir, data_
     for padded, packed in zip(logs["padded"], logs["padding-free"]):
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert packed[key] == pytest.approx(padded[key], abs=1e-5, rel=1e-5), key
+
+
+def test_a_model_not_switched_to_segment_attention_gives_nan_not_wrong_values(tiny_model_dir):
+    plain_sdpa = load_model(tiny_model_dir, attn_implementation="sdpa")
+    batch = PreferenceCollator(0, 2)(_rows((9, 6), 2, 5))
+    rows = pack_segments(batch, prefix_sharing=True, padding_free=True)
+    with torch.no_grad():  # the plan is ignored by plain sdpa, which applies the all-false stand-in mask instead
+        logits = plain_sdpa(
+            rows.input_ids, attention_mask=placeholder_mask(1, "cpu"), position_ids=rows.position_ids,
+            unialign_segments=rows.plan,
+        ).logits
+    assert torch.isnan(logits).all()

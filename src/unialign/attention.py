@@ -137,14 +137,21 @@ def segment_attention_forward(
 
 
 # A packed forward passes this 4D stand-in as its attention mask: transformers returns a 4D mask as it is, so it
-# builds no (rows, 1, W, W) mask of its own; the segment plan alone confines attention.
-def placeholder_mask(rows: int, device) -> Tensor:
-    """The ``(rows, 1, 1, 1)`` stand-in mask of a packed forward (read by nothing but transformers' mask checks)."""
-    return torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=device)
+# builds no (rows, 1, W, W) mask of its own; the segment plan alone confines attention. It is NaN, so a kernel
+# that applied it instead of the plan (a model not switched to segment attention) gives NaN, never plausible
+# wrong values (an all-false boolean mask would not do: PyTorch's kernels return 0 for fully masked rows).
+def placeholder_mask(rows: int, device, dtype=torch.float32) -> Tensor:
+    """The ``(rows, 1, 1, 1)`` NaN stand-in mask of a packed forward."""
+    return torch.full((rows, 1, 1, 1), float("nan"), dtype=dtype, device=device)
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
 AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # unpacked forwards get sdpa's own masks
+
+
+def can_use_segment_attention(model) -> bool:
+    """Whether a transformers model runs ``sdpa`` or segment attention (what :func:`use_segment_attention` takes)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", SEGMENT_ATTENTION)
 
 
 def use_segment_attention(model) -> None:

@@ -25,7 +25,12 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from unialign.allocator import keep_freed_memory, process_is_owned
-from unialign.attention import SEGMENT_ATTENTION, placeholder_mask, use_segment_attention
+from unialign.attention import (
+    SEGMENT_ATTENTION,
+    can_use_segment_attention,
+    placeholder_mask,
+    use_segment_attention,
+)
 from unialign.checkpoints import (
     data_fingerprint,
     is_complete,
@@ -389,7 +394,10 @@ class UnialignTrainer(Trainer):
         if batch.kl_seq is not None and torch.is_grad_enabled():
             return self._logps_detached_kl(model, batch)
         shared = self._shares_prefix(model) and has_shared_prompts(batch)
-        if self.segment_attention and (shared or (self.args.padding_free and batch.input_ids.shape[0] > 1)):
+        packs = shared or (self.args.padding_free and batch.input_ids.shape[0] > 1)
+        if packs and self.segment_attention and can_use_segment_attention(unwrap(model)):
+            # a model handed in later (a reloaded copy) is switched too; the switch changes no other forward
+            use_segment_attention(unwrap(model))
             return self._segment_logps(model, batch, shared)
         if shared:
             return self._packed_logps(model, batch)
@@ -445,6 +453,12 @@ class UnialignTrainer(Trainer):
         return False
 
     @staticmethod
+    def _mask_dtype(model) -> torch.dtype:
+        """The model's floating dtype (float32 for integer-quantized weights): what an additive mask is made of."""
+        dtype = next(model.parameters()).dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    @staticmethod
     def _packing_problem(inner) -> str | None:
         """Why a model cannot score packed rows whatever the attention kernel, or ``None``."""
         if getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
@@ -467,7 +481,7 @@ class UnialignTrainer(Trainer):
         values = token_logps(
             model,
             packed.input_ids,
-            placeholder_mask(packed.input_ids.shape[0], packed.input_ids.device),
+            placeholder_mask(packed.input_ids.shape[0], packed.input_ids.device, self._mask_dtype(model)),
             scored if prompt_index is None else scored | (prompt_index >= 0),
             impl=self.logprob_impl,
             chunk_size=self.args.logprob_chunk_size,
@@ -496,8 +510,7 @@ class UnialignTrainer(Trainer):
         if not isinstance(batch.packed, PackedBatch):
             batch.packed = pack_shared_prefix(batch)
         packed = batch.packed
-        dtype = next(model.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
+        dtype = self._mask_dtype(model)
         additive = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
         additive.masked_fill_(~packed.allowed, torch.finfo(dtype).min)
         seq_index, prompt_mask = packed.seq_index, packed.prompt_target_mask
