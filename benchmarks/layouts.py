@@ -12,7 +12,8 @@ A step is the policy's forward and backward over the batch's log-probs (the part
 changes; no optimizer, no reference). Peak step memory is ``benchmarks.bench.PeakMemory`` (the C
 heap's bytes in use above the value before the step, sampled by a thread and at every decoder
 layer's forward and backward). The growth exponent ``b`` of memory ∝ width^b is a least-squares fit
-in log-log space over the measured lengths.
+in log-log space over the measured lengths. A first table, which runs no model, gives the bytes
+of every tensor each prefix-sharing layout builds (``--bytes-lengths``, K = ``--bytes-completions``).
 
     flock /tmp/unialign-cpu.lock python -m benchmarks.layouts --lengths 512 1024 2048
 
@@ -32,7 +33,7 @@ import torch
 
 from benchmarks.bench import PeakMemory
 from unialign.config import DEFAULT_MODEL, UnialignConfig
-from unialign.data.collate import PreferenceCollator
+from unialign.data.collate import PreferenceCollator, pack_segments, pack_shared_prefix
 from unialign.data.tokenize import TokenizedExample
 from unialign.losses.registry import get_method
 from unialign.models import load_model
@@ -118,10 +119,31 @@ def measure(model, layout: str, examples: list, num_slots: int, steps: int, outp
         "width_fed": width,
         "tokens_fed": rows * width,
         "plain_tokens": real,
-        "logp_sum": float(total),
+        "logp_sum": float(total.detach()),
         "s_per_step": min(times),
         "peak_step_mem_mb": max(peaks),
     }
+
+
+def layout_bytes(prompt: int, completions: int, length: int) -> dict:
+    """Bytes of every tensor each prefix-sharing layout builds for one row (no model run).
+
+    The dense layout counts its ``allowed`` mask and the additive float32 mask the trainer makes of it;
+    the segment layout its per-token tensors and the plan's masks.
+    """
+    batch = PreferenceCollator(0, completions)(shared_prompt_rows(prompt, completions, length, 50_000))
+
+    def size(tensor):
+        return tensor.numel() * tensor.element_size()
+
+    dense = pack_shared_prefix(batch)
+    fields = [getattr(dense, f.name) for f in dataclasses.fields(dense)]
+    dense_bytes = sum(size(t) for t in fields if isinstance(t, torch.Tensor)) + dense.allowed.numel() * 4
+    segments = pack_segments(batch, prefix_sharing=True, padding_free=False)
+    fields = [getattr(segments, f.name) for f in dataclasses.fields(segments)]
+    segment_bytes = sum(size(t) for t in fields if isinstance(t, torch.Tensor)) + segments.plan.mask_elements()
+    return {"prompt": prompt, "K": completions, "width": int(dense.input_ids.shape[1]),
+            "dense_mask_layout_bytes": dense_bytes, "segment_layout_bytes": segment_bytes}
 
 
 def growth_exponent(widths: list[float], values: list[float]) -> float | None:
@@ -142,10 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completion-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bytes-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192],
+                        help="prompt tokens for the layout-bytes table (K = --bytes-completions)")
+    parser.add_argument("--bytes-completions", type=int, default=8)
     parser.add_argument("--with-plain", action="store_true", help="also the plain layout (K padded sequences)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    sizes = [layout_bytes(p, args.bytes_completions, args.completion_length) for p in args.bytes_lengths]
+    print("| prompt | K | row width | dense-mask layout MiB | segment layout MiB |")
+    print("|---|---|---|---|---|")
+    for r in sizes:
+        print(f"| {r['prompt']} | {r['K']} | {r['width']} | {r['dense_mask_layout_bytes'] / 2**20:.1f} "
+              f"| {r['segment_layout_bytes'] / 2**20:.2f} |")
+    size_exponents = {
+        name: round(growth_exponent([r["width"] for r in sizes], [r[name] for r in sizes]), 3)
+        for name in ("dense_mask_layout_bytes", "segment_layout_bytes")
+    } if len(sizes) > 1 else {}
+    print(f"layout bytes growth exponents vs row width: {size_exponents}", flush=True)
     torch.manual_seed(0)
     model = load_model(args.model, attn_implementation="sdpa")
     model.train()
@@ -188,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory growth exponent {name}: {exponent}")
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"layouts_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "memory_growth_exponents": exponents}, indent=1))
+    result = {"args": vars(args), "rows": rows, "memory_growth_exponents": exponents, "layout_bytes": sizes,
+              "layout_bytes_growth_exponents": size_exponents}
+    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
 
