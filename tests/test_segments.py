@@ -245,3 +245,20 @@ def test_a_model_not_switched_to_segment_attention_gives_nan_not_wrong_values(ti
             unialign_segments=rows.plan,
         ).logits
     assert torch.isnan(logits).all()
+
+
+@pytest.mark.parametrize("packed_attention,padding_free", [("segments", True), ("segments", False), ("dense", False)])
+def test_build_layout_makes_the_layout_the_trainer_then_uses(policy, tmp_path, packed_attention, padding_free):
+    from unialign.data.collate import PackedBatch, SegmentBatch
+
+    batch = PreferenceCollator(0, 2)(_rows((12, 5), 2, 4))
+    trainer = _trainer(policy, tmp_path, prefix_sharing=True, packed_attention=packed_attention,
+                       padding_free=padding_free)
+    built = trainer.build_layout(batch).packed
+    assert type(built) is (SegmentBatch if packed_attention == "segments" else PackedBatch)
+    assert built.input_ids.shape[0] == (1 if padding_free else 2)
+    with torch.no_grad():
+        trainer._logps(policy, batch)
+    assert batch.packed is built  # scored with the layout built beforehand, not a new one
+    plain = PreferenceCollator(0, 2)(_rows((12, 5), 2, 4))
+    assert _trainer(policy, tmp_path).build_layout(plain).packed is None

@@ -390,16 +390,36 @@ class UnialignTrainer(Trainer):
             return batch.labels
         raise ValueError(f"{self.method.name} needs per-completion {want} but the batch has none")
 
-    def _logps(self, model, batch: Batch) -> LogProbs:
-        if batch.kl_seq is not None and torch.is_grad_enabled():
-            return self._logps_detached_kl(model, batch)
+    def _layout(self, model, batch: Batch) -> str:
+        """How ``model`` scores ``batch``: ``segments``, ``dense`` (the block mask) or ``plain``."""
         shared = self._shares_prefix(model) and has_shared_prompts(batch)
         packs = shared or (self.args.padding_free and batch.input_ids.shape[0] > 1)
         if packs and self.segment_attention and can_use_segment_attention(unwrap(model)):
+            return "segments"
+        return "dense" if shared else "plain"
+
+    def build_layout(self, batch: Batch) -> Batch:
+        """Build and keep on ``batch`` the packed layout the policy will be scored with (none for the plain one).
+
+        For harnesses that time layout construction with collation; training builds it on first use.
+        """
+        layout = self._layout(self.model, batch)
+        if layout == "segments":
+            shared = self._shares_prefix(self.model) and has_shared_prompts(batch)
+            batch.packed = pack_segments(batch, prefix_sharing=shared, padding_free=self.args.padding_free)
+        elif layout == "dense":
+            batch.packed = pack_shared_prefix(batch)
+        return batch
+
+    def _logps(self, model, batch: Batch) -> LogProbs:
+        if batch.kl_seq is not None and torch.is_grad_enabled():
+            return self._logps_detached_kl(model, batch)
+        layout = self._layout(model, batch)
+        if layout == "segments":
             # a model handed in later (a reloaded copy) is switched too; the switch changes no other forward
             use_segment_attention(unwrap(model))
-            return self._segment_logps(model, batch, shared)
-        if shared:
+            return self._segment_logps(model, batch, self._shares_prefix(model) and has_shared_prompts(batch))
+        if layout == "dense":
             return self._packed_logps(model, batch)
         mask, prompt_mask = batch.target_mask, batch.prompt_target_mask
         values = token_logps(
