@@ -154,6 +154,7 @@ class UnialignTrainer(Trainer):
         inner = unwrap(self.model)
         attention = getattr(inner.config, "_attn_implementation", None)
         problem = self._packing_problem(inner)
+        packs_at_all = problem is None and attention in PACKED_ATTENTION
         if problem is None and attention not in ("sdpa", SEGMENT_ATTENTION):
             problem = f"attn_implementation {attention}: segment attention runs over sdpa"
         if problem is None and args.compile_layers:
@@ -163,7 +164,10 @@ class UnialignTrainer(Trainer):
         if problem is not None:
             if args.padding_free:
                 raise ValueError(f"padding_free needs segment attention, which this model cannot use: {problem}")
-            logger.warning("packed_attention segments is off for this model: %s; the dense block mask is used", problem)
+            if packs_at_all:  # else prefix sharing is off altogether, and _shares_prefix says why
+                logger.warning(
+                    "packed_attention segments is off for this model: %s; the dense block mask is used", problem
+                )
             return False
         use_segment_attention(inner)
         if self.ref_model is not None:
