@@ -120,7 +120,9 @@ def segment_attention_forward(
         value = value.repeat_interleave(heads // value.shape[1], dim=1)
     gqa = {"enable_gqa": True} if grouped and not repeat else {}
     dropout = dropout if module.training else 0.0
-    out = query.new_zeros((batch, heads, width, head_dim))  # positions in no segment (row padding) read 0
+    # written in the (B, T, H, D) layout transformers expects, so no transposed copy of the whole output follows;
+    # positions in no segment (row padding) read 0
+    out = query.new_zeros((batch, width, heads, head_dim))
     for row, (segments, masks) in enumerate(zip(plan.rows, plan.masks)):
         for seg, mask in zip(segments, masks):
             q = query[row : row + 1, :, seg.start : seg.end]
@@ -132,8 +134,8 @@ def segment_attention_forward(
                 keys = slice(seg.key_start, seg.end)
                 k, v = key[row : row + 1, :, keys], value[row : row + 1, :, keys]
                 piece = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa)
-            out[row : row + 1, :, seg.start : seg.end] = piece
-    return out.transpose(1, 2).contiguous(), None
+            out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
+    return out, None
 
 
 # A packed forward passes this 4D stand-in as its attention mask: transformers returns a 4D mask as it is, so it
