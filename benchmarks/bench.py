@@ -61,6 +61,8 @@ LIBRARIES: dict[str, dict[str, Any] | None] = {
     "unialign-full": {"prefix_sharing": False, "logprob_impl": "full"},
     # compile_layers: each transformer block compiled (the first warm-up step pays the compilation)
     "unialign-compiled": {"prefix_sharing": True, "logprob_impl": "chunked", "compile_layers": True},
+    # padding_free: the micro-batch's packed rows end to end in one row (docs/benchmarks.md, "Layouts at length")
+    "unialign-padding-free": {"prefix_sharing": True, "logprob_impl": "chunked", "padding_free": True},
 }
 DEFAULT_LIBRARIES = ("trl", "unialign", "unialign-prefix")
 

@@ -1,7 +1,8 @@
 """``attn_implementation`` reaches from_pretrained; prefix sharing is exact where used, else off with a reason.
 
-Prefix sharing hands the model a dense 4D block mask. Measured on the tiny model per implementation
-that runs on CPU: ``eager`` and ``sdpa`` honour it (packed log-probs and gradients equal the plain
+Prefix sharing confines attention by segment attention under ``sdpa`` and by a dense 4D block mask
+under ``eager`` (tests/test_segments.py covers segments in depth). Measured on the tiny model per
+implementation that runs on CPU: both are exact (packed log-probs and gradients equal the plain
 layout's to float32 rounding, checked below). ``flex_attention`` gets it from transformers as a
 score_mod over the whole mask, which crashed torch's CPU kernel (segfault), and has no backward on
 CPU at all; ``flash_attention_2`` takes no custom mask. Under those two the trainer logs why and uses

@@ -1,4 +1,7 @@
-"""Prefix sharing: packed rows (one prompt, K completions, block mask) give the plain layout's log-probs.
+"""Prefix sharing and padding-free rows give the plain layout's log-probs.
+
+Layouts: packed rows (one prompt, K completions) confined by a dense block mask or by segment
+attention, and padding-free rows (every sequence, or every packed row, of the batch end to end).
 
 Every fast path must reproduce, to 1e-5 in float32, the per-sequence log-prob sums, lengths, prompt
 log-probs (RAO), mismatched-pair log-probs (KTO) and the gradients (to 1e-5 of their scale) of the
@@ -16,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unialign.config import UnialignConfig
-from unialign.data.collate import PreferenceCollator, pack_shared_prefix
+from unialign.data.collate import PackedBatch, PreferenceCollator, SegmentBatch, pack_shared_prefix
 from unialign.data.tokenize import TokenizedExample
 from unialign.losses.registry import get_method
 from unialign.trainer import UnialignTrainer
@@ -46,17 +49,31 @@ def _examples(num_slots: int, with_kl: bool = False) -> list[TokenizedExample]:
     return rows
 
 
-def _trainer(model, tmp_path, *, loss_type="dpo", prefix_sharing=False, impl="chunked") -> UnialignTrainer:
+def _trainer(
+    model, tmp_path, *, loss_type="dpo", prefix_sharing=False, impl="chunked", packed_attention="segments",
+    padding_free=False, ref_model=None,
+) -> UnialignTrainer:
     cfg = UnialignConfig(
         output_dir=str(tmp_path),
         loss_type=loss_type,
         prefix_sharing=prefix_sharing,
+        packed_attention=packed_attention,
+        padding_free=padding_free,
         logprob_impl=impl,
         logprob_chunk_size=7,
         report_to=[],
         use_cpu=True,
     )
-    return UnialignTrainer(model=model, args=cfg, method=get_method(loss_type))
+    return UnialignTrainer(model=model, args=cfg, method=get_method(loss_type), ref_model=ref_model)
+
+
+# (prefix_sharing, packed_attention, padding_free) of every fast layout; the plain layout is the oracle
+LAYOUTS = {
+    "dense-mask": (True, "dense", False),
+    "segments": (True, "segments", False),
+    "segments-padding-free": (True, "segments", True),
+    "padding-free": (False, "segments", True),
+}
 
 
 def _run(trainer, model, batch):
@@ -78,12 +95,18 @@ def _run(trainer, model, batch):
     ids=["pairwise", "triple", "listwise", "listwise-rao-prompt", "binary-kto", "pairwise-kl"],
 )
 @pytest.mark.parametrize("impl", ["chunked", "full"])
-def test_packed_logps_and_gradients_equal_plain(model, tmp_path, num_slots, with_prompt, with_kl, impl):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_packed_logps_and_gradients_equal_plain(model, tmp_path, num_slots, with_prompt, with_kl, impl, layout):
     examples = _examples(num_slots, with_kl)
     collator = PreferenceCollator(0, num_slots, with_prompt_logps=with_prompt, with_kl_pairs=with_kl)
     batch = collator(examples)
+    prefix_sharing, packed_attention, padding_free = LAYOUTS[layout]
     plain_out, plain_grads = _run(_trainer(model, tmp_path, impl=impl), model, batch)
-    packed_out, packed_grads = _run(_trainer(model, tmp_path, prefix_sharing=True, impl=impl), model, batch)
+    fast = _trainer(
+        model, tmp_path, prefix_sharing=prefix_sharing, impl=impl, packed_attention=packed_attention,
+        padding_free=padding_free,
+    )
+    packed_out, packed_grads = _run(fast, model, batch)
     assert set(plain_out) == set(packed_out)
     for key in plain_out:
         torch.testing.assert_close(packed_out[key], plain_out[key], atol=1e-5, rtol=1e-5, msg=key)
@@ -95,20 +118,26 @@ def test_packed_logps_and_gradients_equal_plain(model, tmp_path, num_slots, with
         assert (packed_grads[name] - grad).abs().max().item() <= 1e-5 * scale, name
 
 
-def test_trainer_packs_once_and_keeps_the_layout_on_the_batch(model, tmp_path):
+@pytest.mark.parametrize("packed_attention", ["dense", "segments"])
+def test_trainer_packs_once_and_keeps_the_layout_on_the_batch(model, tmp_path, packed_attention):
     examples = _examples(3)
     batch = PreferenceCollator(0, 3)(examples)
     assert batch.packed is None
     plain = _trainer(model, tmp_path)._logps(model, batch)
     assert batch.packed is None  # the plain layout builds none
     with torch.no_grad():
-        fast = _trainer(model, tmp_path, prefix_sharing=True)._logps(model, batch)
+        trainer = _trainer(model, tmp_path, prefix_sharing=True, packed_attention=packed_attention)
+        fast = trainer._logps(model, batch)
     packed = batch.packed
+    assert type(packed) is (PackedBatch if packed_attention == "dense" else SegmentBatch)
     assert packed.input_ids.shape[0] == len(examples)
     # each row holds its prompt once: packed width < K × plain width, and real tokens add up
     prompt_lengths = [len(e.prompt_ids) for e in examples]
     real = [p + sum(len(c) for c in e.completion_ids) for p, e in zip(prompt_lengths, examples)]
-    assert (packed.allowed[:, 0].diagonal(dim1=-2, dim2=-1)).all()
+    if packed_attention == "dense":
+        assert (packed.allowed[:, 0].diagonal(dim1=-2, dim2=-1)).all()
+    else:  # the prompt with its first completion, then one segment per later completion
+        assert [len(row) for row in packed.plan.rows] == [len(e.completion_ids) for e in examples]
     assert packed.input_ids.shape[1] == max(real)
     assert int((packed.seq_index >= 0).sum()) == int(batch.target_mask.sum())
     torch.testing.assert_close(fast.seq, plain.seq.detach(), atol=1e-5, rtol=1e-5)
@@ -189,8 +218,8 @@ def test_split_kl_rows_trims_each_half_and_refuses_interleaved_rows():
 def test_rows_with_one_sequence_are_not_packed(model, tmp_path, monkeypatch):
     trainer = _trainer(model, tmp_path, prefix_sharing=True)
     packed_calls = []
-    real = trainer._packed_logps
-    monkeypatch.setattr(trainer, "_packed_logps", lambda m, b: packed_calls.append(1) or real(m, b))
+    real = trainer._segment_logps
+    monkeypatch.setattr(trainer, "_segment_logps", lambda m, b, s: packed_calls.append(1) or real(m, b, s))
     with torch.no_grad():
         trainer._logps(model, PreferenceCollator(0, 1)(_examples(1)))  # one completion per row: nothing to share
         assert packed_calls == []

@@ -224,7 +224,8 @@ RESUME_SAFE_KEYS = frozenset(
         "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
         "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "local_rank", "ddp_timeout", "debug",
         "torch_empty_cache_steps", "cpu_keep_freed_memory", "compile_layers", "logprob_impl", "logprob_chunk_size",
-        "prefix_sharing", "gradient_checkpointing", "gradient_checkpointing_kwargs", "on_nonfinite",
+        "prefix_sharing", "packed_attention", "padding_free", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+        "on_nonfinite",
         # transformers 5.2x's names for gradient checkpointing; the attention kernel computes the same values
         "activation_checkpointing", "activation_checkpointing_kwargs", "attn_implementation",
         "allow_pickle", "trust_remote_code", "vllm_gpu_memory_utilization", "vllm_max_model_len",

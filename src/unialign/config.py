@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "una_loss": UNA_LOSSES,
     "on_bad_row": ("error", "drop"),
     "logprob_impl": ("auto", "chunked", "full"),
+    "packed_attention": ("segments", "dense"),
     "torch_dtype": ("float32", "bfloat16", "float16", "auto"),
     "on_nonfinite": ("stop", "skip"),
     "una_space": SPACES,
@@ -219,6 +220,22 @@ class UnialignConfig(TrainingArguments):
             "mask); used for causal LMs with sdpa or eager attention, position ids and no sliding window"
         },
     )
+    packed_attention: str = field(
+        default="segments",
+        metadata={
+            "help": "how packed rows keep sequences apart. segments: one attention call per sequence or completion "
+            "over the slices it may see, memory linear in the row (sdpa models); dense: a (rows, 1, W, W) block mask "
+            "(sdpa or eager; prefix_sharing only). Under eager, segments falls back to dense with a logged reason"
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "pack the micro-batch's sequences (or, with prefix_sharing, its packed rows) end to end in one "
+            "row with position ids restarting per sequence and attention confined to each: no padding tokens are "
+            "computed. Needs packed_attention: segments and an sdpa model; refused otherwise"
+        },
+    )
     compile_layers: bool = field(
         default=False,
         metadata={
@@ -361,6 +378,18 @@ class UnialignConfig(TrainingArguments):
             raise ConfigError(
                 "attn_implementation",
                 f"is {self.attn_implementation!r}; allowed values: {', '.join(ATTENTION_IMPLEMENTATIONS)} (or unset)",
+            )
+        if self.padding_free and self.packed_attention != "segments":
+            raise ConfigError(
+                "padding_free",
+                f"needs packed_attention: segments (got {self.packed_attention}): a dense mask over a whole "
+                "padding-free row is quadratic in the micro-batch's total tokens",
+            )
+        if self.padding_free and self.attn_implementation not in (None, "sdpa"):
+            raise ConfigError(
+                "padding_free",
+                f"needs attn_implementation sdpa (got {self.attn_implementation}): unialign confines attention to each "
+                "packed sequence with segment attention over sdpa",
             )
         if self.load_in_4bit and not self.use_peft:
             raise ConfigError(

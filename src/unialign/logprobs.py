@@ -81,10 +81,12 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 
 def final_hidden_and_head(
-    model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, model_kwargs=None
 ) -> tuple[Tensor, torch.nn.Module]:
     """The last hidden state (what the LM head reads) and the LM head, from one forward pass."""
-    extra = {} if position_ids is None else {"position_ids": position_ids}
+    extra = dict(model_kwargs or {})
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -106,6 +108,7 @@ def token_logps(
     chunk_size: int = 1024,
     position_ids: Tensor | None = None,
     source_index: Tensor | None = None,
+    model_kwargs: dict | None = None,
 ) -> Tensor:
     """Log-prob of each token marked in ``target_mask`` given the tokens before it; 0 elsewhere.
 
@@ -118,6 +121,8 @@ def token_logps(
         source_index: ``(N, L)`` column whose hidden state predicts each position (default: the
             previous column). Packed rows use it so that every completion is predicted from the end
             of its prompt, not from the end of the completion packed before it.
+        model_kwargs: further keyword arguments of the model's forward (the segment plan of packed rows,
+            which reaches the attention function).
     Returns:
         ``(N, L)`` float32 tensor.
     """
@@ -127,12 +132,14 @@ def token_logps(
     targets = input_ids[rows, cols]
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     if impl == "full":
-        extra = {} if position_ids is None else {"position_ids": position_ids}
+        extra = dict(model_kwargs or {})
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
         picked = logits[rows, sources].float().log_softmax(-1)
         values = picked.gather(1, targets[:, None]).squeeze(1)
     else:
-        hidden, head = final_hidden_and_head(model, input_ids, attention_mask, position_ids)
+        hidden, head = final_hidden_and_head(model, input_ids, attention_mask, position_ids, model_kwargs)
         values = ChunkedTokenLogps.apply(
             hidden[rows, sources], head.weight, getattr(head, "bias", None), targets, chunk_size
         )

@@ -25,6 +25,12 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from unialign.allocator import keep_freed_memory, process_is_owned
+from unialign.attention import (
+    SEGMENT_ATTENTION,
+    can_use_segment_attention,
+    placeholder_mask,
+    use_segment_attention,
+)
 from unialign.checkpoints import (
     data_fingerprint,
     is_complete,
@@ -32,7 +38,15 @@ from unialign.checkpoints import (
     mark_complete,
     training_settings,
 )
-from unialign.data.collate import Batch, has_shared_prompts, pack_shared_prefix, split_kl_rows
+from unialign.data.collate import (
+    Batch,
+    PackedBatch,
+    SegmentBatch,
+    has_shared_prompts,
+    pack_segments,
+    pack_shared_prefix,
+    split_kl_rows,
+)
 from unialign.data.tokenize import TokenizedExample
 from unialign.data.tokenized import TokenizedDataset, store_values
 from unialign.distributed import BUCKET_KEYS, gather_rows, prepare_reference, release_gathered, size_buckets_to_model
@@ -46,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 # Attention implementations that honour a custom 4D mask (transformers' masking_utils passes it through);
 # packed log-probs and gradients equal the plain layout's with both (tests/test_attention.py).
-PACKED_ATTENTION = ("sdpa", "eager")
+PACKED_ATTENTION = ("sdpa", "eager", SEGMENT_ATTENTION)
 # Why prefix sharing is switched off under the others (the plain layout is used instead).
 UNPACKED_ATTENTION = {
     "flash_attention_2": "flash-attn kernels take no custom 4D mask (only padding or position ids), so the block "
@@ -116,11 +130,51 @@ class UnialignTrainer(Trainer):
         keep = self.args.cpu_keep_freed_memory
         if (process_is_owned() if keep is None else keep) and self.accelerator.device.type == "cpu":
             keep_freed_memory()
+        self.segment_attention = self._setup_segment_attention()
         if self.args.compile_layers:
             compiled = compile_blocks(self.model)
             if self.ref_model is not None:
                 compile_blocks(self.ref_model)
             logger.info("compile_layers: %d blocks compiled; the first steps include compilation", compiled)
+
+    def _setup_segment_attention(self) -> bool:
+        """Whether packed rows use segment attention (``packed_attention: segments``); switches the models to it.
+
+        Falls back to the dense block mask with a logged reason where segment attention cannot run, except
+        under ``padding_free``, which has no dense fallback and is refused with the reason.
+        """
+        args = self.args
+        if not (args.prefix_sharing or args.padding_free) or args.packed_attention != "segments":
+            return False
+        if self.method.model_kind != "causal_lm":
+            if args.padding_free:
+                raise ValueError(
+                    f"padding_free: loss_type {self.method.name} trains a sequence classifier, which reads padded "
+                    "sequences; set padding_free: false"
+                )
+            return False
+        inner = unwrap(self.model)
+        attention = getattr(inner.config, "_attn_implementation", None)
+        problem = self._packing_problem(inner)
+        packs_at_all = problem is None and attention in PACKED_ATTENTION
+        if problem is None and attention not in ("sdpa", SEGMENT_ATTENTION):
+            problem = f"attn_implementation {attention}: segment attention runs over sdpa"
+        if problem is None and args.compile_layers:
+            problem = "compile_layers: each batch's segment boundaries would recompile the compiled blocks"
+        if problem is None and getattr(inner.config, "attn_logit_softcapping", None):
+            problem = "the model soft-caps its attention logits, which sdpa does not"
+        if problem is not None:
+            if args.padding_free:
+                raise ValueError(f"padding_free needs segment attention, which this model cannot use: {problem}")
+            if packs_at_all:  # else prefix sharing is off altogether, and _shares_prefix says why
+                logger.warning(
+                    "packed_attention segments is off for this model: %s; the dense block mask is used", problem
+                )
+            return False
+        use_segment_attention(inner)
+        if self.ref_model is not None:
+            use_segment_attention(unwrap(self.ref_model))
+        return True
 
     # ----------------------------------------------------------------- sampling
     def _get_train_sampler(self, train_dataset=None):
@@ -342,10 +396,36 @@ class UnialignTrainer(Trainer):
             return batch.labels
         raise ValueError(f"{self.method.name} needs per-completion {want} but the batch has none")
 
+    def _layout(self, model, batch: Batch) -> str:
+        """How ``model`` scores ``batch``: ``segments``, ``dense`` (the block mask) or ``plain``."""
+        shared = self._shares_prefix(model) and has_shared_prompts(batch)
+        packs = shared or (self.args.padding_free and batch.input_ids.shape[0] > 1)
+        if packs and self.segment_attention and can_use_segment_attention(unwrap(model)):
+            return "segments"
+        return "dense" if shared else "plain"
+
+    def build_layout(self, batch: Batch) -> Batch:
+        """Build and keep on ``batch`` the packed layout the policy will be scored with (none for the plain one).
+
+        For harnesses that time layout construction with collation; training builds it on first use.
+        """
+        layout = self._layout(self.model, batch)
+        if layout == "segments":
+            shared = self._shares_prefix(self.model) and has_shared_prompts(batch)
+            batch.packed = pack_segments(batch, prefix_sharing=shared, padding_free=self.args.padding_free)
+        elif layout == "dense":
+            batch.packed = pack_shared_prefix(batch)
+        return batch
+
     def _logps(self, model, batch: Batch) -> LogProbs:
         if batch.kl_seq is not None and torch.is_grad_enabled():
             return self._logps_detached_kl(model, batch)
-        if self._shares_prefix(model) and has_shared_prompts(batch):
+        layout = self._layout(model, batch)
+        if layout == "segments":
+            # a model handed in later (a reloaded copy) is switched too; the switch changes no other forward
+            use_segment_attention(unwrap(model))
+            return self._segment_logps(model, batch, self._shares_prefix(model) and has_shared_prompts(batch))
+        if layout == "dense":
             return self._packed_logps(model, batch)
         mask, prompt_mask = batch.target_mask, batch.prompt_target_mask
         values = token_logps(
@@ -389,10 +469,8 @@ class UnialignTrainer(Trainer):
         if attention not in PACKED_ATTENTION:
             reason = UNPACKED_ATTENTION.get(attention, "it does not take a custom 4D mask")
             problem = f"attn_implementation {attention}: {reason} (sdpa and eager are supported)"
-        elif getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
-            problem = "the model uses sliding-window attention, which a custom 4D mask would replace"
-        elif "position_ids" not in inspect.signature(inner.forward).parameters:
-            problem = "the model's forward takes no position_ids"
+        else:
+            problem = self._packing_problem(inner)
         if problem is None:
             return True
         if not getattr(self, "_warned_prefix_sharing", False):
@@ -400,16 +478,65 @@ class UnialignTrainer(Trainer):
             self._warned_prefix_sharing = True
         return False
 
+    @staticmethod
+    def _mask_dtype(model) -> torch.dtype:
+        """The model's floating dtype (float32 for integer-quantized weights): what an additive mask is made of."""
+        dtype = next(model.parameters()).dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    @staticmethod
+    def _packing_problem(inner) -> str | None:
+        """Why a model cannot score packed rows whatever the attention kernel, or ``None``."""
+        if getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
+            return "the model uses sliding-window attention, which a custom 4D mask would replace"
+        if "position_ids" not in inspect.signature(inner.forward).parameters:
+            return "the model's forward takes no position_ids"
+        return None
+
+    def _segment_logps(self, model, batch: Batch, shared: bool) -> LogProbs:
+        """``_logps`` on the segment layout (prefix sharing and/or padding-free rows), indexed by plain sequence.
+
+        Nothing of size ``W × W`` is built: attention is confined by the layout's segment plan. The layout
+        is built once per batch and kept on it, so the reference forward reuses it.
+        """
+        if not isinstance(batch.packed, SegmentBatch):
+            batch.packed = pack_segments(batch, prefix_sharing=shared, padding_free=self.args.padding_free)
+        packed = batch.packed
+        seq_index, prompt_index = packed.seq_index, packed.prompt_index
+        scored = seq_index >= 0
+        values = token_logps(
+            model,
+            packed.input_ids,
+            placeholder_mask(packed.input_ids.shape[0], packed.input_ids.device, self._mask_dtype(model)),
+            scored if prompt_index is None else scored | (prompt_index >= 0),
+            impl=self.logprob_impl,
+            chunk_size=self.args.logprob_chunk_size,
+            position_ids=packed.position_ids,
+            source_index=packed.source_index,
+            model_kwargs={"unialign_segments": packed.plan},
+        )
+        count = batch.input_ids.shape[0]
+        owners = seq_index[scored]
+        seq = values.new_zeros(count).index_add(0, owners, values[scored])
+        out = LogProbs(seq, torch.bincount(owners, minlength=count).float())
+        if prompt_index is not None:
+            rows = batch.slot_seq.shape[0]
+            in_prompt = prompt_index >= 0
+            out.prompt = values.new_zeros(rows).index_add(0, prompt_index[in_prompt], values[in_prompt])
+            out.prompt_lengths = torch.bincount(prompt_index[in_prompt], minlength=rows).float()
+        if batch.kl_seq is not None:
+            out.kl = seq[batch.kl_seq]
+        return out
+
     def _packed_logps(self, model, batch: Batch) -> LogProbs:
         """``_logps`` on the prefix-shared layout; the values are indexed by plain sequence as there.
 
         The layout is built once per batch and kept on it, so the reference forward reuses it.
         """
-        if batch.packed is None:
+        if not isinstance(batch.packed, PackedBatch):
             batch.packed = pack_shared_prefix(batch)
         packed = batch.packed
-        dtype = next(model.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
+        dtype = self._mask_dtype(model)
         additive = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
         additive.masked_fill_(~packed.allowed, torch.finfo(dtype).min)
         seq_index, prompt_mask = packed.seq_index, packed.prompt_target_mask

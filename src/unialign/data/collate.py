@@ -10,6 +10,12 @@ completion's position ids continue from the prompt's end, and a block attention 
 completion token see the prompt and the earlier tokens of its own completion only. The prompt is
 then computed once per row instead of once per completion, and every per-sequence value (log-prob
 sum, length) comes out exactly as in the plain layout.
+
+:func:`pack_segments` builds the same rows (and, with ``padding_free``, every sequence or packed row of
+the batch end to end in one row) without any ``W × W`` mask: a :class:`~unialign.attention.SegmentPlan`
+says which slices of a row each query may see, and segment attention runs over those slices, so the
+layout's memory is linear in the row width. :func:`pack_shared_prefix`'s dense mask stays as the
+fallback (eager attention) and as the oracle the tests compare against.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from unialign.attention import Segment, SegmentPlan
 from unialign.data.tokenize import TokenizedExample
 
 FEEDBACK_FIELDS = ("labels", "scores", "rewards", "ref_logps")
@@ -70,6 +77,31 @@ class PackedBatch:
 
 
 @dataclass
+class SegmentBatch:
+    """A packed layout of a :class:`Batch` whose attention is confined by segments, from :func:`pack_segments`.
+
+    Attributes:
+        input_ids / position_ids: ``(R, W)``; position ids restart at 0 for every sequence or shared prompt.
+        seq_index: ``(R, W)``, the plain sequence a scored completion token belongs to, −1 elsewhere.
+        source_index: ``(R, W)``, the column whose hidden state predicts each token.
+        prompt_index: ``(R, W)``, the batch row whose prompt term a prompt token (after the first) counts
+            in, −1 elsewhere (when the plain batch marks prompt tokens).
+        plan: the segments of each row.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    seq_index: Tensor
+    source_index: Tensor
+    plan: SegmentPlan
+    prompt_index: Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> SegmentBatch:
+        """The same layout on ``device``."""
+        return _moved(self, device, non_blocking)
+
+
+@dataclass
 class Batch:
     """One micro-batch of ``B`` rows with ``K`` completion slots, as the trainer and losses read it.
 
@@ -87,7 +119,7 @@ class Batch:
             ``r̃_φ``), set by a rollout.
         ref_logps: ``(B, K)`` precomputed reference log-probs; ``ref_prompt_logps`` / ``ref_kl_logps``
             ``(B,)`` their prompt and KL terms.
-        packed: the prefix-shared layout of the same sequences, once built.
+        packed: the prefix-shared (dense-mask) or segment layout of the same sequences, once built.
         row_index: ``(B,)`` 0-based dataset rows, for error messages.
     """
 
@@ -105,7 +137,7 @@ class Batch:
     ref_logps: Tensor | None = None
     ref_prompt_logps: Tensor | None = None
     ref_kl_logps: Tensor | None = None
-    packed: PackedBatch | None = None
+    packed: PackedBatch | SegmentBatch | None = None
     row_index: Tensor | None = None
 
     @classmethod
@@ -299,3 +331,90 @@ def pack_shared_prefix(batch: Batch, pad_token_id: int = 0) -> PackedBatch:
             prompt_mask[r, 1 : row[4]] = True
     packed = PackedBatch(packed_ids, position_ids, allowed[:, None], seq_index, source_index, prompt_mask)
     return packed.to(batch.input_ids.device)
+
+
+def pack_segments(batch: Batch, *, prefix_sharing: bool, padding_free: bool, pad_token_id: int = 0) -> SegmentBatch:
+    """The batch's sequences as packed rows confined by segments, with no ``W × W`` tensor.
+
+    With ``prefix_sharing`` each example becomes ``prompt + completion_1 + … + completion_K`` (+ KTO's
+    mismatched completion): the prompt and the first completion form one causal segment, every later
+    completion a segment that sees the prompt and itself. Without it every sequence is its own segment.
+    With ``padding_free`` all of them go end to end into one row (position ids restart per example),
+    else one example per row, right-padded.
+
+    Raises:
+        ValueError: when the sequences grouped in one row do not start with the same prompt.
+    """
+    input_ids, attention, target = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.target_mask.cpu()
+    lengths = attention.sum(-1).tolist()
+    starts = target.int().argmax(-1).tolist()  # every sequence has at least one completion token
+    groups = row_groups(batch) if prefix_sharing else [[seq] for seq in range(input_ids.shape[0])]
+    prompt_rows = {} if batch.prompt_target_mask is None else {s: b for b, s in enumerate(batch.prompt_seq.tolist())}
+    units = [_segment_unit(input_ids, lengths, starts, group, prompt_rows) for group in groups]
+    if padding_free:
+        units = [_joined(units)]
+    width = max(len(u[0]) for u in units)
+    count = len(units)
+    packed_ids = torch.full((count, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((count, width), dtype=torch.long)
+    seq_index = torch.full((count, width), -1, dtype=torch.long)
+    source_index = torch.zeros((count, width), dtype=torch.long)
+    prompt_index = torch.full((count, width), -1, dtype=torch.long)
+    for r, (ids, positions, owners, sources, prompt_owners, _) in enumerate(units):
+        n = len(ids)
+        packed_ids[r, :n], position_ids[r, :n], seq_index[r, :n] = ids, positions, owners
+        source_index[r, :n], prompt_index[r, :n] = sources, prompt_owners
+    plan = SegmentPlan.build([u[5] for u in units])
+    prompts = None if batch.prompt_target_mask is None else prompt_index
+    packed = SegmentBatch(packed_ids, position_ids, seq_index, source_index, plan, prompts)
+    return packed.to(batch.input_ids.device)
+
+
+def _segment_unit(input_ids: Tensor, lengths: list[int], starts: list[int], group: list[int], prompt_rows: dict):
+    """One example's tokens, positions, owners, sources, prompt owners and segments, from column 0."""
+    first = group[0]
+    prompt_length = starts[first]
+    prompt = input_ids[first, :prompt_length]
+    ids, positions, owners = [input_ids[first, : lengths[first]]], [torch.arange(lengths[first])], []
+    owners.append(torch.cat([torch.full((prompt_length,), -1), torch.full((lengths[first] - prompt_length,), first)]))
+    segments = [Segment(0, 0, 0, lengths[first])]  # the prompt and the first completion: one causal sequence
+    cursor = lengths[first]
+    sources = torch.arange(-1, cursor - 1).clamp(min=0)
+    later_sources = []
+    for seq in group[1:]:
+        if starts[seq] != prompt_length or not torch.equal(input_ids[seq, :prompt_length], prompt):
+            raise ValueError(f"sequences {first} and {seq} of one row do not share a prompt; cannot pack them")
+        completion = input_ids[seq, prompt_length : lengths[seq]]
+        ids.append(completion)
+        positions.append(torch.arange(prompt_length, lengths[seq]))
+        owners.append(torch.full((len(completion),), seq))
+        segments.append(Segment(0, prompt_length, cursor, cursor + len(completion)))
+        # a later completion's first token is predicted from the prompt's last token
+        rest = torch.arange(cursor, cursor + len(completion) - 1)
+        later_sources.append(torch.cat([torch.tensor([prompt_length - 1]), rest]))
+        cursor += len(completion)
+    prompt_owners = torch.full((cursor,), -1)
+    if first in prompt_rows:
+        prompt_owners[1:prompt_length] = prompt_rows[first]
+    sources = torch.cat([sources, *later_sources])
+    return torch.cat(ids), torch.cat(positions), torch.cat(owners), sources, prompt_owners, segments
+
+
+def _joined(units: list) -> tuple:
+    """Units end to end in one row: columns (sources, segments) shifted by each unit's offset."""
+    offset, sources, segments = 0, [], []
+    for ids, _, _, unit_sources, _, unit_segments in units:
+        sources.append(unit_sources + offset)
+        segments += [
+            Segment(s.key_start + offset, s.prefix_end + offset, s.start + offset, s.end + offset)
+            for s in unit_segments
+        ]
+        offset += len(ids)
+    return (
+        torch.cat([u[0] for u in units]),
+        torch.cat([u[1] for u in units]),
+        torch.cat([u[2] for u in units]),
+        torch.cat(sources),
+        torch.cat([u[4] for u in units]),
+        segments,
+    )

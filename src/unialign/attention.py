@@ -1,0 +1,166 @@
+"""Segment attention: packed rows whose attention is confined per segment, with memory linear in the row.
+
+A packed row holds several sequences end to end (``padding_free``), or one prompt followed by the
+completions that share it (``prefix_sharing``), or both. The dense way to keep them apart is a
+``(rows, 1, W, W)`` mask, quadratic in the row width ``W``. Here each row carries a list of
+:class:`Segment` s instead, and the attention runs one ``scaled_dot_product_attention`` call per
+segment over the slices it may see:
+
+* a sequence or a prompt: its own queries and keys, ``is_causal`` (no mask at all);
+* a completion after a shared prompt: its queries against the keys from the prompt's start to its
+  own end, with a small boolean mask (``C × (P + …)``, one per completion) that hides the other
+  completions packed between them.
+
+Nothing of size ``W × W`` is ever built, and the keys are slices (views) of the row's own keys, so
+the prompt's keys and values are not copied per completion. The same calls run on a GPU, where
+PyTorch picks its fused kernels per call.
+
+The function is registered with transformers' ``AttentionInterface`` as ``unialign_sdpa``; a model
+switched to it (:func:`use_segment_attention`) behaves exactly as under ``sdpa`` unless a forward
+passes ``unialign_segments``, so generation, the plain layout and gradient-checkpoint recomputation
+need nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+SEGMENT_ATTENTION = "unialign_sdpa"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Queries ``[start, end)`` of a row attend keys ``[key_start, prefix_end)`` (a shared prompt) and,
+    causally, ``[start, end)``. A plain sequence or a prompt has ``key_start == prefix_end == start``."""
+
+    key_start: int
+    prefix_end: int
+    start: int
+    end: int
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_end > self.key_start
+
+
+@dataclass
+class SegmentPlan:
+    """The segments of every row of a packed batch, and the small masks of those after a shared prompt.
+
+    ``masks[r][i]`` is ``None`` for a segment without a prefix, else a ``(end − start, end − key_start)``
+    bool tensor (true where a query may attend a key).
+    """
+
+    rows: list[list[Segment]]
+    masks: list[list[Tensor | None]]
+
+    @classmethod
+    def build(cls, rows: list[list[Segment]], device=None) -> SegmentPlan:
+        """Check the segments and build their masks once per batch (every layer reuses them)."""
+        masks = []
+        for segments in rows:
+            row_masks = []
+            for seg in segments:
+                if not (seg.key_start <= seg.prefix_end <= seg.start < seg.end):
+                    raise ValueError(f"segment {seg} is not ordered key_start <= prefix_end <= start < end")
+                row_masks.append(_prefix_mask(seg, device) if seg.has_prefix else None)
+            masks.append(row_masks)
+        return cls(rows, masks)
+
+    def to(self, device, non_blocking: bool = False) -> SegmentPlan:
+        """The same plan with its masks on ``device``."""
+        masks = [[None if m is None else m.to(device, non_blocking=non_blocking) for m in row] for row in self.masks]
+        return SegmentPlan(self.rows, masks)
+
+    def mask_elements(self) -> int:
+        """Elements in all masks together: linear in the row width (the test of "no W × W tensor")."""
+        return sum(m.numel() for row in self.masks for m in row if m is not None)
+
+
+def _prefix_mask(seg: Segment, device) -> Tensor:
+    queries = seg.end - seg.start
+    keys = seg.end - seg.key_start
+    mask = torch.zeros((queries, keys), dtype=torch.bool, device=device)
+    mask[:, : seg.prefix_end - seg.key_start] = True
+    own = seg.start - seg.key_start
+    mask[:, own:] = torch.ones((queries, queries), dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def segment_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: ``(B, H, T, D)`` query, ``(B, H_kv, T, D)`` key/value →
+    ``(B, T, H, D)`` output. Without ``unialign_segments`` in ``kwargs`` this is transformers' sdpa."""
+    plan: SegmentPlan | None = kwargs.pop("unialign_segments", None)
+    if plan is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, width, head_dim = query.shape
+    grouped = heads != key.shape[1]  # grouped-query attention: each key/value head serves several query heads
+    # PyTorch's CPU flash kernel takes grouped heads with or without a mask; CUDA's fused kernels only without one
+    repeat = grouped and query.device.type != "cpu"
+    if repeat:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    gqa = {"enable_gqa": True} if grouped and not repeat else {}
+    dropout = dropout if module.training else 0.0
+    # written in the (B, T, H, D) layout transformers expects, so no transposed copy of the whole output follows;
+    # positions in no segment (row padding) read 0
+    out = query.new_zeros((batch, width, heads, head_dim))
+    for row, (segments, masks) in enumerate(zip(plan.rows, plan.masks)):
+        for seg, mask in zip(segments, masks):
+            q = query[row : row + 1, :, seg.start : seg.end]
+            if mask is None:
+                keys = slice(seg.start, seg.end)
+                k, v = key[row : row + 1, :, keys], value[row : row + 1, :, keys]
+                piece = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **gqa)
+            else:
+                keys = slice(seg.key_start, seg.end)
+                k, v = key[row : row + 1, :, keys], value[row : row + 1, :, keys]
+                piece = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa)
+            out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
+    return out, None
+
+
+# A packed forward passes this 4D stand-in as its attention mask: transformers returns a 4D mask as it is, so it
+# builds no (rows, 1, W, W) mask of its own; the segment plan alone confines attention. It is NaN, so a kernel
+# that applied it instead of the plan (a model not switched to segment attention) gives NaN, never plausible
+# wrong values (an all-false boolean mask would not do: PyTorch's kernels return 0 for fully masked rows).
+def placeholder_mask(rows: int, device, dtype=torch.float32) -> Tensor:
+    """The ``(rows, 1, 1, 1)`` NaN stand-in mask of a packed forward."""
+    return torch.full((rows, 1, 1, 1), float("nan"), dtype=dtype, device=device)
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # unpacked forwards get sdpa's own masks
+
+
+def can_use_segment_attention(model) -> bool:
+    """Whether a transformers model runs ``sdpa`` or segment attention (what :func:`use_segment_attention` takes)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", SEGMENT_ATTENTION)
+
+
+def use_segment_attention(model) -> None:
+    """Switch a transformers model (running ``sdpa``) to :data:`SEGMENT_ATTENTION`; a no-op when already switched.
+
+    The switch is kept (not undone per forward) because gradient checkpointing recomputes each layer
+    during backward, after any per-forward switch would have been undone.
+    """
+    if model.config._attn_implementation != SEGMENT_ATTENTION:
+        model.set_attn_implementation(SEGMENT_ATTENTION)
