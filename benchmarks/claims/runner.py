@@ -47,6 +47,7 @@ from benchmarks.claims.spec import (
     planned_runs,
     resolved_settings,
     run_id,
+    selected_point,
 )
 from unialign import jsonfile
 
@@ -74,9 +75,9 @@ def run_dir(spec: Spec, name: str, seed: int) -> Path:
     return spec.workdir / "runs" / f"{name}-s{seed}-{run_id(spec, name, seed)[:10]}"
 
 
-def reference_cache_path(spec: Spec) -> Path:
-    """The reference-generation cache file of the spec's eval setting."""
-    return spec.workdir / "cache" / f"reference-{eval_id(spec)}.json"
+def reference_cache_path(spec: Spec, settings: dict[str, Any] | None = None) -> Path:
+    """The reference-generation cache file of an eval setting (default: the spec's)."""
+    return spec.workdir / "cache" / f"reference-{eval_id(spec, settings)}.json"
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -234,6 +235,9 @@ def unavailable_reason(spec: Spec, name: str, seed: int) -> str | None:
             get_method(loss_type)
         except ValueError:
             return f"loss_type {loss_type!r} is not registered in this installation"
+    entry = spec.runs[name]
+    if entry.select_from and selected_point(spec, entry.select_from) is None:
+        return f"the grid of {entry.select_from} (validation, seed {spec.selection.get('seed', 0)}) has not finished"
     for dep in spec.runs[name].dependencies():
         record = read_record(spec, dep, seed)
         if not is_done(record):
@@ -252,6 +256,11 @@ def prepare_job(spec: Spec, name: str, seed: int) -> dict[str, Any]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     config = {**spec.budget, **entry.config, "seed": seed, "output_dir": str(folder)}
+    if entry.select_from:
+        choice = selected_point(spec, entry.select_from)
+        if choice is None:
+            raise RuntimeError(f"the grid of {entry.select_from} has not finished; its choice is not known yet")
+        config.update(choice)
     for key, value in list(config.items()):
         match = PLACEHOLDER.match(value) if isinstance(value, str) else None
         if match and match.group(1) == "model":
@@ -264,7 +273,9 @@ def prepare_job(spec: Spec, name: str, seed: int) -> dict[str, Any]:
         job["rescore"] = {**entry.rescore, "model": str(spec.workdir / rm_record["run_dir"] / "model"),
                           "out": str(folder / "data" / "rescored.jsonl")}
     if entry.evaluate:
-        job["eval"] = {**spec.eval, "base_model": spec.base_model(), "reference_cache": str(reference_cache_path(spec)),
+        settings = spec.eval_for(name)
+        job["eval"] = {**settings, "base_model": spec.base_model(),
+                       "reference_cache": str(reference_cache_path(spec, settings)),
                        "pairs_reference": config.get("model_name_or_path", spec.base_model())}
     write_json_atomic(folder / "job.json", job)
     return job
@@ -280,6 +291,9 @@ def materialize_dataset(spec: Spec, name: str) -> Path:
     if path.is_file():
         return path
     rows = read_rows(str(definition["source"]), split=str(definition.get("split", "train")))
+    if definition.get("prompts") is not None:
+        keep_prompts = training_prompts(int(definition["prompts"]), str(definition.get("split", "train")))
+        rows = [row for row in rows if prompt_key(row["prompt"]) in keep_prompts]
     if definition.get("keep"):
         keep = list(definition["keep"])
         rows = [{k: row[k] for k in keep if k in row} for row in rows]
@@ -293,6 +307,27 @@ def materialize_dataset(spec: Spec, name: str) -> Path:
     write_rows(rows, tmp)
     os.replace(tmp, path)
     return path
+
+
+def prompt_key(prompt: Any) -> str:
+    """A stable key of a prompt (text or conversation)."""
+    return digest(prompt, 16)
+
+
+def training_prompts(count: int, split: str = "train") -> set[str]:
+    """Keys of ``count`` bundled prompts of ``split``: those with the smallest hash, the same set for every format.
+
+    A derived dataset with ``prompts: N`` keeps the rows of these prompts, so the pairwise, triple,
+    listwise and prompt-only training splits of a sweep share their prompts (a format that drops a
+    prompt, e.g. pairwise where all four completions tie, has a row fewer).
+    """
+    from unialign.data.bundled import load_bundled
+
+    keys = sorted({prompt_key(row["prompt"]) for row in load_bundled("listwise", split)},
+                  key=lambda k: digest({"train-prompt": k}))
+    if count > len(keys):
+        raise ValueError(f"prompts: {count} is more than the {len(keys)} bundled {split} prompts")
+    return set(keys[:count])
 
 
 def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
@@ -359,7 +394,9 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         outcome["rm_eval"] = reward_model_accuracy(model_dir, job["eval"])
     elif job.get("eval"):
         beta = float(outcome["effective"].get("beta") or config.get("beta") or 0.1)
+        eval_started = time.perf_counter()
         outcome["eval"] = evaluate_policy(model_dir, job["eval"], beta, Path(job["run_dir"]))
+        outcome["eval"]["seconds"] = time.perf_counter() - eval_started  # what `plan` prices evaluation with
     outcome_path = Path(job["run_dir"]) / "outcome.json"
     write_json_atomic(outcome_path, outcome)
     return outcome
@@ -421,6 +458,9 @@ def rescore_listwise(rescore: dict[str, Any]) -> dict[str, Any]:
     from unialign.rewards.sources import RewardModel
 
     rows = read_rows(str(rescore["source"]), split=str(rescore.get("split", "train")))
+    if rescore.get("prompts") is not None:  # the same training prompts as the sweep's other runs
+        keep_prompts = training_prompts(int(rescore["prompts"]), str(rescore.get("split", "train")))
+        rows = [row for row in rows if prompt_key(row["prompt"]) in keep_prompts]
     model = RewardModel(rescore["model"], batch_size=int(rescore.get("batch_size", 16)))
     prompts = [row["prompt"] for row in rows for _ in row["completions"]]
     completions = [c for row in rows for c in row["completions"]]
@@ -539,11 +579,14 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     """
     from unialign.evaluate import (
         EvalReport,
+        checkable_scores,
         compare,
+        completion_length,
         implicit_pair_stats,
         kl_estimate,
         load_pairs,
         load_prompts,
+        per_prompt_outcomes,
         side_stats,
         write_report,
     )
@@ -580,7 +623,27 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     )
     write_report(report, folder / "eval")
     rates = report.outcomes.rates()
+    correct, formatted = checkable_scores(prompts, [g.text for g in gens])
+    ref_correct, ref_formatted = checkable_scores(prompts, [g.text for g in ref_gens])
+    # Per prompt, in the order of the eval prompts: what the page's paired bootstrap resamples.
+    per_prompt = {
+        "prompt_key": [digest(p, 12) for p in prompts],
+        "reward": rewards,
+        "win": per_prompt_outcomes(rewards, ref_rewards),
+        "length": [completion_length(g) for g in gens],
+        "ended": [int(g.ended) for g in gens],
+        "correct": correct,
+        "format": formatted,
+    }
+    checked = [c for c in correct if c is not None]
+    formats = [f for f in formatted if f is not None]
     return {
+        "per_prompt": per_prompt,
+        "reference_per_prompt": {"reward": ref_rewards, "length": [completion_length(g) for g in ref_gens],
+                                 "ended": [int(g.ended) for g in ref_gens], "correct": ref_correct,
+                                 "format": ref_formatted},
+        "correct_rate": sum(checked) / len(checked) if checked else None,
+        "format_rate": sum(formats) / len(formats) if formats else None,
         "num_prompts": report.num_prompts,
         "mean_reward": report.policy.mean_reward,
         "reference_mean_reward": report.reference.mean_reward,
