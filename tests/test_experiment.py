@@ -155,6 +155,11 @@ def test_claims_spec_validates_and_covers_every_claim():
     assert spec.budget["num_train_epochs"] == 1 and "max_steps" not in spec.budget
     for name, definition in spec.datasets.items():
         assert definition["prompts"] == 40, name
+    # the GPU variant is the same runs and claims with larger sizes only
+    gpu = load_spec(CLAIMS_SPEC.parents[1] / "gpu" / "claims.yaml")
+    assert list(gpu.runs) == list(spec.runs) and gpu.claims == spec.claims
+    assert gpu.results_dir != spec.results_dir and gpu.eval["max_new_tokens"] == 256
+    assert gpu.datasets["pairs40"]["prompts"] == 338 and gpu.budget["lora_r"] == spec.budget["lora_r"]
 
 
 def test_grid_selection_picks_the_best_validation_point_and_waits_for_all(tmp_path, tiny_model_dir):

@@ -170,6 +170,8 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}: cannot read the spec ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping")
+    if "base" in raw:
+        raw = _with_base(path, raw)
     known = {"root", "workdir", "results_dir", "results_page", "figures_dir", "seeds", "budget", "eval", "datasets",
              "runs", "claims", "title", "notes", "selection", "plan"}
     unknown = sorted(set(raw) - known)
@@ -237,6 +239,27 @@ def load_spec(path: str | Path) -> Spec:
                 raise SpecError(f"{path}: run {entry.name!r} reads dataset {data!r}, which `datasets` does not define")
     spec.order()  # raises on cycles
     return spec
+
+
+MERGED_KEYS = ("budget", "eval", "plan", "selection", "datasets")
+
+
+def _with_base(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """``base: OTHER.yaml`` (relative to this spec): OTHER's keys, with this spec's keys replacing them, except
+    that ``budget``, ``eval``, ``plan``, ``selection`` and ``datasets`` are merged key by key (so a variant
+    changes sizes, not the runs or claims)."""
+    base_path = path.parent / str(raw["base"])
+    try:
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: cannot read its base spec {base_path}: {' '.join(str(err).split())}") from None
+    if "base" in base:
+        raise SpecError(f"{path}: its base spec {base_path} has a base itself; one level only")
+    merged = {**base, **{k: v for k, v in raw.items() if k != "base"}}
+    for key in MERGED_KEYS:
+        if isinstance(base.get(key), dict) and isinstance(raw.get(key), dict):
+            merged[key] = {**base[key], **raw[key]}
+    return merged
 
 
 def _seeds(value: Any, where: str) -> list[int]:
