@@ -28,6 +28,7 @@ from unialign.data.sources import read_rows
 from unialign.data.tokenize import encode_completions, encode_prompt
 from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
+from unialign.rewards import offline_judge as oj
 from unialign.rewards.base import RewardSource, prompt_text
 
 logger = logging.getLogger(__name__)
@@ -237,8 +238,6 @@ def checkable_scores(prompts: list, completions: list[str], metadata: dict[str, 
     offline judge's checkers, but none of the judge's relevance, coherence or verbosity terms: they
     say whether the answer is right and the format kept, not how the judge likes the text.
     """
-    from unialign.rewards import offline_judge as oj
-
     meta_by_prompt = oj.load_prompt_metadata() if metadata is None else metadata
     correct: list[float | None] = []
     formatted: list[float | None] = []
