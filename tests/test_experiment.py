@@ -523,3 +523,29 @@ def test_trl_rloo_peer_reads_prompts_like_online_una(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="bad.jsonl, row 2, field 'prompt': missing"):
         train_trl_rloo({"model_name_or_path": tiny_model_dir, "loss_type": "trl_rloo", "dataset": bad,
                         "reward": "callable:tests.test_experiment:length_reward", "output_dir": str(tmp_path / "run")})
+
+
+def test_plan_prices_runs_from_the_table_then_from_measured_records(tmp_path, tiny_model_dir, capsys):
+    from benchmarks.claims.plan import plan
+
+    pairs = str(tmp_path / "data" / "pairs.jsonl")
+    runs = [{"name": "dpo", "config": {"loss_type": "dpo", "dataset": pairs}}]
+    path = tiny_spec(tmp_path, tiny_model_dir, runs, seeds=[0, 1])
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["plan"] = {"cpu_hours": 0.02, "startup_seconds": 30, "eval_seconds_per_prompt_token": 0.5,
+                   "eval_startup_seconds": 20, "seconds_per_step": {"dpo": 5.0}}
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    spec = load_spec(path)
+    rows = plan(spec)
+    # 2 steps (the tiny budget's max_steps) at 5 s + 30 s start-up; 3 prompts x 4 new tokens x 0.5 s + 20 s
+    assert [(r.name, r.seed, r.steps, r.train_seconds, r.eval_seconds, r.source) for r in rows] == [
+        ("dpo", 0, 2, 40.0, 26.0, "table"), ("dpo", 1, 2, 40.0, 26.0, "table")]
+    write_json_atomic(result_path(spec, "dpo", 0), _record(
+        spec, "dpo", 0, DONE, effective={"max_steps": 2}, train={"seconds": 80.0, "cpu_seconds": 50.0},
+        eval={"num_prompts": 3, "seconds": 26.0 + 12.0}))  # measured: 10 s per step, 1.5 s per prompt-token
+    rows = plan(spec)
+    assert [(r.train_seconds, r.eval_seconds, r.source, r.done) for r in rows] == [
+        (50.0, 38.0, "measured", True), (50.0, 38.0, "measured", False)]
+    assert main(["plan", str(path)]) == 1  # 176 s > 0.02 CPU-hours (72 s)
+    out = capsys.readouterr().out
+    assert "planned: 2 runs, 0.05 CPU-hours (budget 0.02); 1 done, 0.02 CPU-hours left  -- OVER BUDGET" in out
