@@ -542,7 +542,7 @@ def test_plan_prices_runs_from_the_table_then_from_measured_records(tmp_path, ti
         ("dpo", 0, 2, 40.0, 26.0, "table"), ("dpo", 1, 2, 40.0, 26.0, "table")]
     write_json_atomic(result_path(spec, "dpo", 0), _record(
         spec, "dpo", 0, DONE, effective={"max_steps": 2}, train={"seconds": 80.0, "cpu_seconds": 50.0},
-        eval={"num_prompts": 3, "seconds": 26.0 + 12.0}))  # measured: 10 s per step, 1.5 s per prompt-token
+        eval={"num_prompts": 3, "cpu_seconds": 26.0 + 12.0, "made_reference": False}))  # 10 s/step, 1.5 s/token
     rows = plan(spec)
     assert [(r.train_seconds, r.eval_seconds, r.source, r.done) for r in rows] == [
         (50.0, 38.0, "measured", True), (50.0, 38.0, "measured", False)]

@@ -4,7 +4,8 @@ A run's CPU time is its training (start-up + steps × seconds per step of its me
 evaluation (start-up + prompts × new tokens × seconds per prompt-token). Seconds per step come
 from the spec's finished runs of the same method when there are any (their measured training CPU
 time, less the start-up, over their steps), else from the spec's ``plan.seconds_per_step`` table;
-evaluation likewise from finished runs' measured ``eval.seconds`` when present. Steps are one
+evaluation likewise from finished runs' measured ``eval.cpu_seconds`` (else ``eval.seconds``), leaving out
+runs that also made the reference generations every later run reads from the cache. Steps are one
 epoch of the run's training rows at the budget's batch size (``max_steps`` when set).
 """
 
@@ -69,15 +70,17 @@ def plan(spec: Spec) -> list[PlannedRun]:
     for (name, _seed), record in records.items():
         if not is_done(record):
             continue
-        steps = (record.get("effective") or {}).get("max_steps")
         train = record.get("train") or {}
-        if isinstance(steps, int) and steps > 0 and train.get("cpu_seconds"):
+        steps = (train.get("final_metrics") or {}).get("step") or (record.get("effective") or {}).get("max_steps")
+        if isinstance(steps, (int, float)) and steps > 0 and train.get("cpu_seconds"):
             family = _family(spec.runs[name].config["loss_type"])
             measured.setdefault(family, []).append(max(0.0, train["cpu_seconds"] - startup) / steps)
         ev = record.get("eval") or {}
-        if ev.get("seconds") and ev.get("num_prompts"):
+        # CPU time where recorded, else wall time; not a run that also made the cached reference generations
+        spent = ev.get("cpu_seconds") or ev.get("seconds")
+        if spent and ev.get("num_prompts") and ev.get("made_reference", True) is False:
             tokens = ev["num_prompts"] * int(spec.eval_for(name)["max_new_tokens"])
-            eval_rate.append(max(0.0, ev["seconds"] - eval_startup) / tokens)
+            eval_rate.append(max(0.0, spent - eval_startup) / tokens)
     if eval_rate:
         per_token = statistics.median(eval_rate)
     rows_cache: dict[str, int] = {}

@@ -394,9 +394,10 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         outcome["rm_eval"] = reward_model_accuracy(model_dir, job["eval"])
     elif job.get("eval"):
         beta = float(outcome["effective"].get("beta") or config.get("beta") or 0.1)
-        eval_started = time.perf_counter()
+        eval_started, eval_cpu = time.perf_counter(), process_cpu_seconds()
         outcome["eval"] = evaluate_policy(model_dir, job["eval"], beta, Path(job["run_dir"]))
-        outcome["eval"]["seconds"] = time.perf_counter() - eval_started  # what `plan` prices evaluation with
+        outcome["eval"]["seconds"] = time.perf_counter() - eval_started
+        outcome["eval"]["cpu_seconds"] = process_cpu_seconds() - eval_cpu  # what `plan` prices evaluation with
     outcome_path = Path(job["run_dir"]) / "outcome.json"
     write_json_atomic(outcome_path, outcome)
     return outcome
@@ -597,6 +598,7 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     base = settings["base_model"]
     prompts = load_prompts(settings["prompts"], settings.get("limit"))
     reward = _cached("reward", settings["judge"], lambda: load_reward(settings["judge"]))
+    made_reference = not Path(settings["reference_cache"]).is_file()  # this run pays for the cached side
     ref_gens, ref_rewards = reference_generations(base, prompts, settings, reward, Path(settings["reference_cache"]))
     tokenizer = load_tokenizer(model_dir)
     policy = load_model(model_dir).eval()
@@ -642,6 +644,7 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
         "reference_per_prompt": {"reward": ref_rewards, "length": [completion_length(g) for g in ref_gens],
                                  "ended": [int(g.ended) for g in ref_gens], "correct": ref_correct,
                                  "format": ref_formatted},
+        "made_reference": made_reference,
         "correct_rate": sum(checked) / len(checked) if checked else None,
         "format_rate": sum(formats) / len(formats) if formats else None,
         "num_prompts": report.num_prompts,
