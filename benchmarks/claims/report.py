@@ -558,6 +558,27 @@ def check_table(results: Results, checks: list[CheckResult]) -> list[str]:
     return lines
 
 
+def reference_line(results: Results) -> list[str]:
+    """The untouched model's length and EOS rate at the eval budget (does the budget fit its completions?)."""
+    for name in final_runs(results.spec):
+        for record in results.done.get(name, []):
+            ref = (record.get("eval") or {}).get("reference_per_prompt")
+            if ref and ref.get("length"):
+                n = len(ref["length"])
+                return [f"At this budget the untouched model's greedy completions on the {n} eval prompts are "
+                        f"{statistics.fmean(ref['length']):.1f} tokens long on average and "
+                        f"{100 * statistics.fmean(ref['ended']):.0f}% of them end on their own (the rest are cut at "
+                        f"{results.spec.eval['max_new_tokens']} tokens); judge reward "
+                        f"{statistics.fmean(ref['reward']):.3f}, answer correctness "
+                        + _share(ref.get("correct")) + ", format compliance " + _share(ref.get("format")) + "."]
+    return ["(No finished eval-split run yet: the untouched model's length and EOS rate at this budget are not known.)"]
+
+
+def _share(values: list | None) -> str:
+    kept = [v for v in values or [] if v is not None]
+    return f"{statistics.fmean(kept):.3f}" if kept else "—"
+
+
 def selection_section(results: Results) -> list[str]:
     """The grid of every searched entry: each point's validation score, and the chosen setting."""
     spec = results.spec
@@ -660,6 +681,7 @@ def render_page(results: Results, claims: list[tuple[dict[str, Any], list[CheckR
                      f"{ran}/{len(checks)} |")
     lines += ["", "## How verdicts are decided", "", VERDICT_RULES, "## Signals", "", INDEPENDENCE]
     lines += _budget_section(spec)
+    lines += [""] + reference_line(results)
     lines += [""] + selection_section(results)
     for claim, checks in claims:
         lines += ["", f"## Claim {claim.get('id', '')}: {claim.get('title', '')}", ""]
