@@ -465,6 +465,31 @@ def test_cli_status_and_report(tmp_path, tiny_model_dir, capsys):
     assert "cannot read the spec" in capsys.readouterr().err
 
 
+def test_runs_hold_the_lock_file_while_they_run(tmp_path, tiny_model_dir, monkeypatch):
+    import fcntl
+
+    lock = tmp_path / "cpu.lock"
+    seen: list[bool] = []
+
+    def probe(config):
+        with open(lock, encoding="utf-8") as other:  # another open file: blocked while the sweep holds it
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+                fcntl.flock(other, fcntl.LOCK_UN)
+            except BlockingIOError:
+                seen.append(True)
+        return REAL_TRAIN(config)
+
+    monkeypatch.setattr(runner_module, "train_model", probe)
+    runs = [r for r in sweep_runs(tmp_path) if r["name"] == "sft"]
+    spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))
+    assert run_sweep(spec, isolate=False, log=_quiet, lock=str(lock)).done == [("sft", 0)]
+    assert seen == [True]
+    with open(lock, encoding="utf-8") as after:  # released when the run ended
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_isolated_worker_failure_is_recorded_with_its_log(tmp_path, tiny_model_dir):
     runs = [{"name": "broken", "config": {"loss_type": "dpo", "dataset": str(tmp_path / "absent.jsonl")}}]
     spec = load_spec(tiny_spec(tmp_path, tiny_model_dir, runs))

@@ -33,6 +33,9 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     run.add_argument("--in-process", action="store_true",
                      help="train in this process instead of one fresh process per run (peak memory is then shared)")
     run.add_argument("--no-report", action="store_true", help="do not rewrite the results page afterwards")
+    run.add_argument("--lock", default=None, metavar="FILE",
+                     help="hold an exclusive flock on FILE during each run (e.g. /tmp/unialign-cpu.lock on a "
+                     "machine shared with timed jobs); released between runs")
     run.set_defaults(func=_run)
     report = sub.add_parser("report", help="write the results page and figures from the cached results")
     report.add_argument("spec")
@@ -72,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     for note in validate_spec(spec):
         print(f"note: {note}")
-    summary = run_sweep(spec, args.only, args.seeds, isolate=not args.in_process)
+    summary = run_sweep(spec, args.only, args.seeds, isolate=not args.in_process, lock=args.lock)
     if not args.no_report:
         print(f"wrote {write_report(spec)}")
     return 1 if summary.failed else 0

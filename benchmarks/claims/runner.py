@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,12 +131,14 @@ class SweepSummary:
 
 
 def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None = None, *,
-              isolate: bool = True, log: Callable[[str], None] = print) -> SweepSummary:
+              isolate: bool = True, log: Callable[[str], None] = print, lock: str | None = None) -> SweepSummary:
     """Run every planned (run, seed) that has no finished record; see the module docstring.
 
     ``only`` restricts to those entries (their dependencies are added); ``seeds`` to those seeds.
     ``isolate`` trains each run in a fresh process (peak memory per run); ``False`` runs in this process.
     A run that raises is recorded as failed and the sweep goes on; KeyboardInterrupt stops it.
+    ``lock``: a file every run holds an exclusive ``flock`` on while it trains and evaluates (and
+    releases between runs), so runs take turns with other jobs timed on the same machine.
     """
     summary = SweepSummary()
     plan = planned_runs(spec, only, seeds)
@@ -158,8 +161,9 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
         log(f"{tag}: running in {run_dir(spec, name, seed)}")
         started = time.perf_counter()
         try:
-            job = prepare_job(spec, name, seed)
-            outcome = _run_isolated(job) if isolate else execute_job(job)
+            with cpu_lock(lock):
+                job = prepare_job(spec, name, seed)
+                outcome = _run_isolated(job) if isolate else execute_job(job)
         except KeyboardInterrupt:
             log(f"{tag}: interrupted; rerun the same command to continue")
             raise
@@ -176,6 +180,22 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
         log(f"{tag}: done in {time.perf_counter() - started:.0f}s{_headline(outcome)}")
     log(summary.line())
     return summary
+
+
+@contextmanager
+def cpu_lock(path: str | None):
+    """Hold an exclusive ``flock`` on ``path`` for the block (waiting for it first); nothing when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def models_to_rebuild(spec: Spec, plan: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
