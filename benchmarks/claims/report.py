@@ -126,7 +126,7 @@ What this scale can and cannot say:
 - Greedy decoding makes the KL column an indicator of drift rather than an unbiased estimate.
 - Hyperparameters were chosen on one seed of the validation prompts; that choice is itself noisy.
 - Resampling 3 seeds with replacement understates the seed-to-seed variance (the bootstrap variance of a
-  mean of n draws is (n − 1)/n of the plug-in one: two thirds at n = 3), so an interval that barely
+  mean of n draws is (n − 1)/n of the usual s²/n: two thirds at n = 3), so an interval that barely
   excludes 0 or barely fits the margin is weaker evidence than it looks.
 """
 
