@@ -101,6 +101,9 @@ def render_card(stats: dict) -> str:
         "4 completions were sampled from the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and scored "
         f"by the offline judge (`{OfflineJudge.version}`, HelpSteer2-style attributes combined into [0, 1]). "
         "The split is by prompt (a hash of the prompt id, 20% held out), so no held-out prompt appears in training. "
+        "The held-out prompts are split once more, by another hash of the id, into `val` (27 prompts, for choosing "
+        "hyperparameters) and `eval` (58, for reporting): `bundled:<format>:val` and `bundled:<format>:eval`, whose "
+        "union is `bundled:<format>:test`. "
         "Samples were capped at 256 new tokens; `completions_ended` marks each completion that stopped on its own "
         "(false = cut at the cap), and the derived formats carry it as `<slot>_ended`, so tokenization gives a "
         "cut-off completion no end-of-turn token.",

@@ -21,7 +21,7 @@ from benchmarks.claims.spec import Spec, SpecError, load_spec, planned_runs, run
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``run``, ``report`` and ``status`` subcommands to the sweep's parser."""
+    """Add ``run``, ``report``, ``plan`` and ``status`` subcommands to the sweep's parser."""
     sub = parser.add_subparsers(title="experiment commands")
     run = sub.add_parser("run", help="train and evaluate every run of the spec that is not cached yet",
                          description="Resumable: finished runs are never redone; rerun the same command after "
@@ -33,11 +33,17 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     run.add_argument("--in-process", action="store_true",
                      help="train in this process instead of one fresh process per run (peak memory is then shared)")
     run.add_argument("--no-report", action="store_true", help="do not rewrite the results page afterwards")
+    run.add_argument("--lock", default=None, metavar="FILE",
+                     help="hold an exclusive flock on FILE during each run (e.g. /tmp/unialign-cpu.lock on a "
+                     "machine shared with timed jobs); released between runs")
     run.set_defaults(func=_run)
     report = sub.add_parser("report", help="write the results page and figures from the cached results")
     report.add_argument("spec")
     report.add_argument("--out", default=None, help="page path (default: the spec's results_page)")
     report.set_defaults(func=_report)
+    plan = sub.add_parser("plan", help="price every planned run (CPU seconds) and compare with the spec's budget")
+    plan.add_argument("spec")
+    plan.set_defaults(func=_plan)
     status = sub.add_parser("status", help="list every run and seed with its state")
     status.add_argument("spec")
     status.set_defaults(func=_status)
@@ -69,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     for note in validate_spec(spec):
         print(f"note: {note}")
-    summary = run_sweep(spec, args.only, args.seeds, isolate=not args.in_process)
+    summary = run_sweep(spec, args.only, args.seeds, isolate=not args.in_process, lock=args.lock)
     if not args.no_report:
         print(f"wrote {write_report(spec)}")
     return 1 if summary.failed else 0
@@ -79,6 +85,16 @@ def _report(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     print(f"wrote {write_report(spec, args.out)}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from benchmarks.claims.plan import plan, render_plan
+
+    spec = load_spec(args.spec)
+    rows = plan(spec)
+    print(render_plan(spec, rows))
+    budget = float(spec.plan.get("cpu_hours", 8)) * 3600
+    return 0 if sum(r.train_seconds + r.eval_seconds for r in rows) <= budget else 1
 
 
 def _status(args: argparse.Namespace) -> int:

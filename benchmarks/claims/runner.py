@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +48,7 @@ from benchmarks.claims.spec import (
     planned_runs,
     resolved_settings,
     run_id,
+    selected_point,
 )
 from unialign import jsonfile
 
@@ -74,9 +76,9 @@ def run_dir(spec: Spec, name: str, seed: int) -> Path:
     return spec.workdir / "runs" / f"{name}-s{seed}-{run_id(spec, name, seed)[:10]}"
 
 
-def reference_cache_path(spec: Spec) -> Path:
-    """The reference-generation cache file of the spec's eval setting."""
-    return spec.workdir / "cache" / f"reference-{eval_id(spec)}.json"
+def reference_cache_path(spec: Spec, settings: dict[str, Any] | None = None) -> Path:
+    """The reference-generation cache file of an eval setting (default: the spec's)."""
+    return spec.workdir / "cache" / f"reference-{eval_id(spec, settings)}.json"
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -129,12 +131,14 @@ class SweepSummary:
 
 
 def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None = None, *,
-              isolate: bool = True, log: Callable[[str], None] = print) -> SweepSummary:
+              isolate: bool = True, log: Callable[[str], None] = print, lock: str | None = None) -> SweepSummary:
     """Run every planned (run, seed) that has no finished record; see the module docstring.
 
     ``only`` restricts to those entries (their dependencies are added); ``seeds`` to those seeds.
     ``isolate`` trains each run in a fresh process (peak memory per run); ``False`` runs in this process.
     A run that raises is recorded as failed and the sweep goes on; KeyboardInterrupt stops it.
+    ``lock``: a file every run holds an exclusive ``flock`` on while it trains and evaluates (and
+    releases between runs), so runs take turns with other jobs timed on the same machine.
     """
     summary = SweepSummary()
     plan = planned_runs(spec, only, seeds)
@@ -157,8 +161,9 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
         log(f"{tag}: running in {run_dir(spec, name, seed)}")
         started = time.perf_counter()
         try:
-            job = prepare_job(spec, name, seed)
-            outcome = _run_isolated(job) if isolate else execute_job(job)
+            with cpu_lock(lock):
+                job = prepare_job(spec, name, seed)
+                outcome = _run_isolated(job) if isolate else execute_job(job)
         except KeyboardInterrupt:
             log(f"{tag}: interrupted; rerun the same command to continue")
             raise
@@ -175,6 +180,22 @@ def run_sweep(spec: Spec, only: list[str] | None = None, seeds: list[int] | None
         log(f"{tag}: done in {time.perf_counter() - started:.0f}s{_headline(outcome)}")
     log(summary.line())
     return summary
+
+
+@contextmanager
+def cpu_lock(path: str | None):
+    """Hold an exclusive ``flock`` on ``path`` for the block (waiting for it first); nothing when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def models_to_rebuild(spec: Spec, plan: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -234,6 +255,9 @@ def unavailable_reason(spec: Spec, name: str, seed: int) -> str | None:
             get_method(loss_type)
         except ValueError:
             return f"loss_type {loss_type!r} is not registered in this installation"
+    entry = spec.runs[name]
+    if entry.select_from and selected_point(spec, entry.select_from) is None:
+        return f"the grid of {entry.select_from} (validation, seed {spec.selection.get('seed', 0)}) has not finished"
     for dep in spec.runs[name].dependencies():
         record = read_record(spec, dep, seed)
         if not is_done(record):
@@ -252,6 +276,11 @@ def prepare_job(spec: Spec, name: str, seed: int) -> dict[str, Any]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     config = {**spec.budget, **entry.config, "seed": seed, "output_dir": str(folder)}
+    if entry.select_from:
+        choice = selected_point(spec, entry.select_from)
+        if choice is None:
+            raise RuntimeError(f"the grid of {entry.select_from} has not finished; its choice is not known yet")
+        config.update(choice)
     for key, value in list(config.items()):
         match = PLACEHOLDER.match(value) if isinstance(value, str) else None
         if match and match.group(1) == "model":
@@ -264,7 +293,9 @@ def prepare_job(spec: Spec, name: str, seed: int) -> dict[str, Any]:
         job["rescore"] = {**entry.rescore, "model": str(spec.workdir / rm_record["run_dir"] / "model"),
                           "out": str(folder / "data" / "rescored.jsonl")}
     if entry.evaluate:
-        job["eval"] = {**spec.eval, "base_model": spec.base_model(), "reference_cache": str(reference_cache_path(spec)),
+        settings = spec.eval_for(name)
+        job["eval"] = {**settings, "base_model": spec.base_model(),
+                       "reference_cache": str(reference_cache_path(spec, settings)),
                        "pairs_reference": config.get("model_name_or_path", spec.base_model())}
     write_json_atomic(folder / "job.json", job)
     return job
@@ -280,6 +311,9 @@ def materialize_dataset(spec: Spec, name: str) -> Path:
     if path.is_file():
         return path
     rows = read_rows(str(definition["source"]), split=str(definition.get("split", "train")))
+    if definition.get("prompts") is not None:
+        keep_prompts = training_prompts(int(definition["prompts"]), str(definition.get("split", "train")))
+        rows = [row for row in rows if prompt_key(row["prompt"]) in keep_prompts]
     if definition.get("keep"):
         keep = list(definition["keep"])
         rows = [{k: row[k] for k in keep if k in row} for row in rows]
@@ -293,6 +327,27 @@ def materialize_dataset(spec: Spec, name: str) -> Path:
     write_rows(rows, tmp)
     os.replace(tmp, path)
     return path
+
+
+def prompt_key(prompt: Any) -> str:
+    """A stable key of a prompt (text or conversation)."""
+    return digest(prompt, 16)
+
+
+def training_prompts(count: int, split: str = "train") -> set[str]:
+    """Keys of ``count`` bundled prompts of ``split``: those with the smallest hash, the same set for every format.
+
+    A derived dataset with ``prompts: N`` keeps the rows of these prompts, so the pairwise, triple,
+    listwise and prompt-only training splits of a sweep share their prompts (a format that drops a
+    prompt, e.g. pairwise where all four completions tie, has a row fewer).
+    """
+    from unialign.data.bundled import load_bundled
+
+    keys = sorted({prompt_key(row["prompt"]) for row in load_bundled("listwise", split)},
+                  key=lambda k: digest({"train-prompt": k}))
+    if count > len(keys):
+        raise ValueError(f"prompts: {count} is more than the {len(keys)} bundled {split} prompts")
+    return set(keys[:count])
 
 
 def _run_isolated(job: dict[str, Any]) -> dict[str, Any]:
@@ -359,7 +414,10 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         outcome["rm_eval"] = reward_model_accuracy(model_dir, job["eval"])
     elif job.get("eval"):
         beta = float(outcome["effective"].get("beta") or config.get("beta") or 0.1)
+        eval_started, eval_cpu = time.perf_counter(), process_cpu_seconds()
         outcome["eval"] = evaluate_policy(model_dir, job["eval"], beta, Path(job["run_dir"]))
+        outcome["eval"]["seconds"] = time.perf_counter() - eval_started
+        outcome["eval"]["cpu_seconds"] = process_cpu_seconds() - eval_cpu  # what `plan` prices evaluation with
     outcome_path = Path(job["run_dir"]) / "outcome.json"
     write_json_atomic(outcome_path, outcome)
     return outcome
@@ -421,6 +479,9 @@ def rescore_listwise(rescore: dict[str, Any]) -> dict[str, Any]:
     from unialign.rewards.sources import RewardModel
 
     rows = read_rows(str(rescore["source"]), split=str(rescore.get("split", "train")))
+    if rescore.get("prompts") is not None:  # the same training prompts as the sweep's other runs
+        keep_prompts = training_prompts(int(rescore["prompts"]), str(rescore.get("split", "train")))
+        rows = [row for row in rows if prompt_key(row["prompt"]) in keep_prompts]
     model = RewardModel(rescore["model"], batch_size=int(rescore.get("batch_size", 16)))
     prompts = [row["prompt"] for row in rows for _ in row["completions"]]
     completions = [c for row in rows for c in row["completions"]]
@@ -539,11 +600,14 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     """
     from unialign.evaluate import (
         EvalReport,
+        checkable_scores,
         compare,
+        completion_length,
         implicit_pair_stats,
         kl_estimate,
         load_pairs,
         load_prompts,
+        per_prompt_outcomes,
         side_stats,
         write_report,
     )
@@ -554,6 +618,7 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     base = settings["base_model"]
     prompts = load_prompts(settings["prompts"], settings.get("limit"))
     reward = _cached("reward", settings["judge"], lambda: load_reward(settings["judge"]))
+    made_reference = not Path(settings["reference_cache"]).is_file()  # this run pays for the cached side
     ref_gens, ref_rewards = reference_generations(base, prompts, settings, reward, Path(settings["reference_cache"]))
     tokenizer = load_tokenizer(model_dir)
     policy = load_model(model_dir).eval()
@@ -580,7 +645,28 @@ def evaluate_policy(model_dir: str, settings: dict[str, Any], beta: float, folde
     )
     write_report(report, folder / "eval")
     rates = report.outcomes.rates()
+    correct, formatted = checkable_scores(prompts, [g.text for g in gens])
+    ref_correct, ref_formatted = checkable_scores(prompts, [g.text for g in ref_gens])
+    # Per prompt, in the order of the eval prompts: what the page's paired bootstrap resamples.
+    per_prompt = {
+        "prompt_key": [digest(p, 12) for p in prompts],
+        "reward": rewards,
+        "win": per_prompt_outcomes(rewards, ref_rewards),
+        "length": [completion_length(g) for g in gens],
+        "ended": [int(g.ended) for g in gens],
+        "correct": correct,
+        "format": formatted,
+    }
+    checked = [c for c in correct if c is not None]
+    formats = [f for f in formatted if f is not None]
     return {
+        "per_prompt": per_prompt,
+        "reference_per_prompt": {"reward": ref_rewards, "length": [completion_length(g) for g in ref_gens],
+                                 "ended": [int(g.ended) for g in ref_gens], "correct": ref_correct,
+                                 "format": ref_formatted},
+        "made_reference": made_reference,
+        "correct_rate": sum(checked) / len(checked) if checked else None,
+        "format_rate": sum(formats) / len(formats) if formats else None,
         "num_prompts": report.num_prompts,
         "mean_reward": report.policy.mean_reward,
         "reference_mean_reward": report.reference.mean_reward,

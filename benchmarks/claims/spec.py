@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 # Bump when the meaning of a cached result changes (what is measured or how), to invalidate old results.
-RESULT_VERSION = 2  # 2: adapters initialized from the run's seed (they depended on the process before)
+RESULT_VERSION = 3  # 3: per-prompt arrays, checkable signals, val/eval prompt split, grids (2: seeded adapters)
 
 PLACEHOLDER = re.compile(r"^\{(model|data):([A-Za-z0-9_.\-]+)\}$")
 
@@ -79,6 +79,11 @@ class RunEntry:
     rescore: dict[str, Any] | None = None
     label: str = ""
     needs: list[str] = field(default_factory=list)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # the main entry of a grid: the values searched
+    select_from: str | None = None  # takes the grid choice of this entry (itself when it has a grid)
+    grid_point: dict[str, Any] | None = None  # a grid point: these values, evaluated on the selection prompts
+    grid_of: str | None = None
+    selection_points: list[str] = field(default_factory=list)  # grid points (at the selection seed) it waits for
 
     def dependencies(self) -> list[str]:
         """Runs this entry needs finished first: ``{model:…}`` placeholders, ``rescore.run`` and ``needs``."""
@@ -123,6 +128,14 @@ class Spec:
     claims: list[dict[str, Any]]
     title: str = "Claims checked at small scale"
     notes: str = ""
+    selection: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def eval_for(self, name: str) -> dict[str, Any]:
+        """The eval setting of run ``name``: the selection (validation) prompts for a grid point, else ``eval``."""
+        if self.runs[name].grid_point is not None:
+            return {**self.eval, **(self.selection.get("eval") or {})}
+        return dict(self.eval)
 
     def order(self) -> list[str]:
         """Entry names with every dependency before its dependents (spec order otherwise)."""
@@ -133,7 +146,7 @@ class Spec:
                 return
             if name in trail:
                 raise SpecError(f"{self.path}: dependency cycle {' -> '.join(trail + (name,))}")
-            for dep in self.runs[name].dependencies():
+            for dep in self.runs[name].dependencies() + self.runs[name].selection_points:
                 visit(dep, trail + (name,))
             done.append(name)
 
@@ -157,8 +170,10 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}: cannot read the spec ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping")
+    if "base" in raw:
+        raw = _with_base(path, raw)
     known = {"root", "workdir", "results_dir", "results_page", "figures_dir", "seeds", "budget", "eval", "datasets",
-             "runs", "claims", "title", "notes"}
+             "runs", "claims", "title", "notes", "selection", "plan"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise SpecError(f"{path}: unknown top-level key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
@@ -176,10 +191,17 @@ def load_spec(path: str | Path) -> Spec:
     for name, definition in datasets.items():
         if "source" not in definition:
             raise SpecError(f"{path}: dataset {name!r} needs a `source`")
-        extra = sorted(set(definition) - {"source", "split", "keep", "sample", "sample_seed"})
+        extra = sorted(set(definition) - {"source", "split", "keep", "sample", "sample_seed", "prompts"})
         if extra:
             raise SpecError(f"{path}: dataset {name!r}: unknown key {extra[0]!r} (source, split, keep, sample)")
-    runs = _entries(raw.get("runs") or [], budget, seeds, path)
+    selection = dict(raw.get("selection") or {})
+    bad_selection = sorted(set(selection) - {"seed", "metric", "eval"})
+    if bad_selection:
+        raise SpecError(f"{path}: unknown selection key {bad_selection[0]!r}; known: seed, metric, eval")
+    bad_eval = sorted(set(selection.get("eval") or {}) - set(EVAL_DEFAULTS))
+    if bad_eval:
+        raise SpecError(f"{path}: unknown selection.eval key {bad_eval[0]!r}; known: {', '.join(EVAL_DEFAULTS)}")
+    runs = _entries(raw.get("runs") or [], budget, seeds, path, int(selection.get("seed", seeds[0])))
     workdir = root / str(raw.get("workdir", "runs/experiment"))
     spec = Spec(
         path=path,
@@ -196,7 +218,15 @@ def load_spec(path: str | Path) -> Spec:
         claims=list(raw.get("claims") or []),
         title=str(raw.get("title", "Claims checked at small scale")),
         notes=str(raw.get("notes", "")),
+        selection=selection,
+        plan=dict(raw.get("plan") or {}),
     )
+    for claim in spec.claims:
+        for check in claim.get("checks", []):
+            if check.get("kind") in ("equal", "not_worse", "not_falling") and not (
+                    isinstance(check.get("margin"), (int, float)) and check["margin"] > 0):
+                raise SpecError(f"{path}: claim {claim.get('id')}: a {check['kind']!r} check needs a positive "
+                                f"`margin`, stated before the run ({check})")
     for entry in runs.values():
         for dep in entry.dependencies():
             if dep not in runs:
@@ -211,6 +241,27 @@ def load_spec(path: str | Path) -> Spec:
     return spec
 
 
+MERGED_KEYS = ("budget", "eval", "plan", "selection", "datasets")
+
+
+def _with_base(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """``base: OTHER.yaml`` (relative to this spec): OTHER's keys, with this spec's keys replacing them, except
+    that ``budget``, ``eval``, ``plan``, ``selection`` and ``datasets`` are merged key by key (so a variant
+    changes sizes, not the runs or claims)."""
+    base_path = path.parent / str(raw["base"])
+    try:
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: cannot read its base spec {base_path}: {' '.join(str(err).split())}") from None
+    if "base" in base:
+        raise SpecError(f"{path}: its base spec {base_path} has a base itself; one level only")
+    merged = {**base, **{k: v for k, v in raw.items() if k != "base"}}
+    for key in MERGED_KEYS:
+        if isinstance(base.get(key), dict) and isinstance(raw.get(key), dict):
+            merged[key] = {**base[key], **raw[key]}
+    return merged
+
+
 def _seeds(value: Any, where: str) -> list[int]:
     if isinstance(value, int):
         value = [value]
@@ -219,7 +270,18 @@ def _seeds(value: Any, where: str) -> list[int]:
     return list(value)
 
 
-def _entries(items: list, budget: dict, seeds: list[int], path: Path) -> dict[str, RunEntry]:
+GRID_KEYS = ("learning_rate", "beta", "z0", "kl_coef", "alpha", "gamma", "simpo_gamma", "temperature")
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values, the first key varying slowest."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def _entries(items: list, budget: dict, seeds: list[int], path: Path, grid_seed: int = 0) -> dict[str, RunEntry]:
     runs: dict[str, RunEntry] = {}
     for index, item in enumerate(items):
         where = f"{path}: runs[{index}]"
@@ -229,7 +291,8 @@ def _entries(items: list, budget: dict, seeds: list[int], path: Path) -> dict[st
         where = f"{path}: run {name!r}"
         if name in runs:
             raise SpecError(f"{where} is defined twice")
-        extra = sorted(set(item) - {"name", "config", "seeds", "evaluate", "rescore", "label", "extends", "needs"})
+        extra = sorted(set(item) - {"name", "config", "seeds", "evaluate", "rescore", "label", "extends", "needs",
+                                    "grid", "select_from"})
         if extra:
             raise SpecError(f"{where}: unknown key {extra[0]!r}")
         own = dict(item.get("config") or {})
@@ -254,7 +317,18 @@ def _entries(items: list, budget: dict, seeds: list[int], path: Path) -> dict[st
                 raise SpecError(f"{where}: rescore writes the dataset; do not also set config.dataset")
         elif "dataset" not in config:
             raise SpecError(f"{where} needs config.dataset (or rescore)")
-        runs[name] = RunEntry(
+        grid = item.get("grid") or {}
+        if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+            raise SpecError(f"{where}: grid must map setting names to non-empty lists of values")
+        bad = sorted(set(grid) - set(GRID_KEYS))
+        if bad:
+            raise SpecError(f"{where}: grid key {bad[0]!r} is not searchable; searchable: {', '.join(GRID_KEYS)}")
+        select_from = item.get("select_from")
+        if select_from is not None and (select_from not in runs or not runs[select_from].grid):
+            raise SpecError(f"{where}: select_from {select_from!r} names no grid entry defined above it")
+        if grid and select_from:
+            raise SpecError(f"{where}: an entry has its own grid or takes another's choice (select_from), not both")
+        entry = RunEntry(
             name=name,
             config=config,
             seeds=_seeds(item.get("seeds", base.seeds if base else seeds), f"{where}: seeds"),
@@ -262,8 +336,26 @@ def _entries(items: list, budget: dict, seeds: list[int], path: Path) -> dict[st
             rescore=copy.deepcopy(rescore),
             label=str(item.get("label", name)),
             needs=[str(n) for n in item.get("needs", [])],
+            grid={str(k): list(v) for k, v in grid.items()},
+            select_from=name if grid else select_from,
         )
+        if entry.select_from:
+            source_grid = entry.grid if grid else runs[entry.select_from].grid
+            entry.selection_points = [point_name(entry.select_from, i) for i in range(len(grid_points(source_grid)))]
+        for index, point in enumerate(grid_points(entry.grid) if entry.grid else []):
+            point_entry = RunEntry(
+                name=point_name(name, index), config={**config, **point}, seeds=[grid_seed], evaluate=True,
+                rescore=copy.deepcopy(rescore), label=f"{entry.label} [" + ", ".join(
+                    f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) + "]",
+                needs=[str(n) for n in item.get("needs", [])], grid_point=point, grid_of=name)
+            runs[point_entry.name] = point_entry
+        runs[name] = entry
     return runs
+
+
+def point_name(name: str, index: int) -> str:
+    """The run name of grid point ``index`` of entry ``name``."""
+    return f"{name}.g{index}"
 
 
 # ----------------------------------------------------------------------------- resolution and ids
@@ -278,9 +370,10 @@ def dataset_id(spec: Spec, name: str) -> str:
     return digest({"dataset": spec.datasets[name], "version": RESULT_VERSION})
 
 
-def eval_id(spec: Spec) -> str:
-    """Id of the evaluation setting (base model + eval keys): names the reference-generation cache."""
-    return digest({"model": spec.base_model(), "eval": spec.eval, "version": RESULT_VERSION})
+def eval_id(spec: Spec, settings: dict[str, Any] | None = None) -> str:
+    """Id of an evaluation setting (base model + eval keys; default the spec's): names the reference cache."""
+    return digest({"model": spec.base_model(), "eval": spec.eval if settings is None else settings,
+                   "version": RESULT_VERSION})
 
 
 def resolved_settings(spec: Spec, name: str, seed: int, _memo: dict | None = None) -> dict[str, Any]:
@@ -288,6 +381,9 @@ def resolved_settings(spec: Spec, name: str, seed: int, _memo: dict | None = Non
     entry = spec.runs[name]
     memo = {} if _memo is None else _memo
     config = {**spec.budget, **entry.config, "seed": seed}
+    if entry.select_from:
+        choice = selected_point(spec, entry.select_from, memo)
+        config.update(choice if choice is not None else {"grid_choice": "pending"})
     for key, value in list(config.items()):
         match = PLACEHOLDER.match(value) if isinstance(value, str) else None
         if match and match.group(1) == "model":
@@ -300,8 +396,43 @@ def resolved_settings(spec: Spec, name: str, seed: int, _memo: dict | None = Non
         settings["rescore"] = {**entry.rescore, "run": f"{entry.rescore['run']}@"
                                f"{run_id(spec, entry.rescore['run'], seed, memo)}"}
     if entry.evaluate:
-        settings["eval"] = {"model": spec.base_model(), **spec.eval}
+        settings["eval"] = {"model": spec.base_model(), **spec.eval_for(name)}
     return settings
+
+
+def selection_metric(spec: Spec) -> str:
+    """The eval field grid points are ranked by (higher is better): ``selection.metric``, default ``mean_reward``."""
+    return str(spec.selection.get("metric", "mean_reward"))
+
+
+def grid_results(spec: Spec, name: str, _memo: dict | None = None) -> list[tuple[dict[str, Any], float | None]]:
+    """(grid point, its validation score or None when not finished) for every point of entry ``name``'s grid."""
+    entry = spec.runs[name]
+    out = []
+    for index, point in enumerate(grid_points(entry.grid)):
+        pname = point_name(name, index)
+        seed = spec.runs[pname].seeds[0]
+        path = spec.results_dir / f"{run_id(spec, pname, seed, _memo)}.json"
+        score = None
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, OSError):
+                record = {}
+            value = (record.get("eval") or {}).get(selection_metric(spec))
+            if record.get("status") == "done" and isinstance(value, (int, float)):
+                score = float(value)
+        out.append((point, score))
+    return out
+
+
+def selected_point(spec: Spec, name: str, _memo: dict | None = None) -> dict[str, Any] | None:
+    """The grid point of entry ``name`` with the best validation score (the first on ties); None until all finished."""
+    scored = grid_results(spec, name, _memo)
+    if not scored or any(score is None for _, score in scored):
+        return None
+    best = max(range(len(scored)), key=lambda i: (scored[i][1], -i))
+    return dict(scored[best][0])
 
 
 def run_id(spec: Spec, name: str, seed: int, _memo: dict | None = None) -> str:
@@ -329,6 +460,8 @@ def planned_runs(spec: Spec, only: list[str] | None = None, seeds: list[int] | N
         if with_dependencies:
             for dep in spec.runs[name].dependencies():
                 add(dep, seed)
+            for point in spec.runs[name].selection_points:
+                add(point, spec.runs[point].seeds[0])
 
     for name in only or list(spec.runs):
         for seed in spec.runs[name].seeds:

@@ -28,7 +28,8 @@ from unialign.data.sources import read_rows
 from unialign.data.tokenize import encode_completions, encode_prompt
 from unialign.generation import Generation, GenerationConfig, check_distinct_samples, completion_ids, generate
 from unialign.logprobs import chunked_head_is_exact, sequence_logps, token_logps
-from unialign.rewards.base import RewardSource
+from unialign.rewards import offline_judge as oj
+from unialign.rewards.base import RewardSource, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,46 @@ def pair_stats(chosen_logratios: list[float], rejected_logratios: list[float], b
     margins = [beta * w - beta * lose for w, lose in zip(chosen_logratios, rejected_logratios)]
     accuracy = sum(beta * w > beta * lose for w, lose in zip(chosen_logratios, rejected_logratios)) / len(margins)
     return PairStats(len(margins), accuracy, sum(margins) / len(margins))
+
+
+def per_prompt_outcomes(policy_rewards: list[float], reference_rewards: list[float],
+                        tie_tolerance: float = 1e-6) -> list[float]:
+    """Per prompt: 1 for a win over the reference, 0.5 for a tie, 0 for a loss (their mean is the win rate
+    with ties counted half)."""
+    return [0.5 if abs(p - r) <= tie_tolerance else float(p > r) for p, r in zip(policy_rewards, reference_rewards)]
+
+
+def checkable_scores(prompts: list, completions: list[str], metadata: dict[str, dict] | None = None
+                     ) -> tuple[list[float | None], list[float | None]]:
+    """Checkable held-out signals per completion: (answer correctness, format compliance), None where none applies.
+
+    Correctness is the share of a prompt's known answers the completion states: the numeric answer
+    of an arithmetic prompt (its final number, or the number after "answer is"), and each required
+    fact of a factual prompt (any alias, as whole words). Format compliance is the share of the
+    prompt's machine-checkable constraints it meets ("in one sentence", "reply with only a number",
+    "start with ..."). Both read the answers and constraints written with the bundled prompts
+    (``prompts.jsonl``; pass ``metadata`` keyed by normalized prompt text for others) and use the
+    offline judge's checkers, but none of the judge's relevance, coherence or verbosity terms: they
+    say whether the answer is right and the format kept, not how the judge likes the text.
+    """
+    meta_by_prompt = oj.load_prompt_metadata() if metadata is None else metadata
+    correct: list[float | None] = []
+    formatted: list[float | None] = []
+    for prompt, completion in zip(prompts, completions):
+        text = prompt_text(prompt)
+        meta = meta_by_prompt.get(oj.normalize(text), {})
+        content: list[bool] = []
+        answer = meta.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            value = oj.final_number(completion)
+            content.append(value is not None and abs(value - float(answer)) <= 1e-6 * max(1.0, abs(float(answer))))
+        content += [oj.has_fact(aliases, completion) for aliases in meta.get("facts", [])]
+        constraint = meta.get("constraint")
+        constraints = (constraint if isinstance(constraint, list) else [constraint]) if constraint else []
+        checks = [oj.check_constraint(c, completion) for c in constraints]
+        correct.append(sum(content) / len(content) if content else None)
+        formatted.append(sum(checks) / len(checks) if checks else None)
+    return correct, formatted
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -572,10 +613,12 @@ __all__ = [
     "PairStats",
     "SideStats",
     "WinTieLoss",
+    "checkable_scores",
     "compare",
     "evaluate",
     "evaluate_paths",
     "kl_estimate",
     "implicit_pair_stats",
+    "per_prompt_outcomes",
     "run_eval_cli",
 ]

@@ -4,6 +4,7 @@ load with the same converters users call, so the formats can never disagree."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,18 @@ from unialign.feedback import FORMATS as FEEDBACK_FORMATS
 
 FOLDER = Path(__file__).parent
 FORMATS = (*FEEDBACK_FORMATS, "prompts")  # "prompts": another name for the prompt-only rows
-SPLITS = ("train", "test")
+# "val" and "eval" partition the held-out "test" prompts: "val" (about a third, by a hash of the prompt id)
+# is for choosing hyperparameters, "eval" for the final numbers, so no setting is chosen on the prompts it is
+# reported on. Neither shares a prompt with "train".
+SPLITS = ("train", "test", "val", "eval")
 EVAL_PROMPTS = "bundled:prompts:test"  # the held-out prompts evaluation reads by default
+VAL_SHARE = 3  # one prompt id in VAL_SHARE (by hash) goes to "val"
+
+
+def heldout_part(prompt_id: str) -> str:
+    """``val`` or ``eval``: which part of the held-out prompts the prompt with this id belongs to."""
+    bucket = int(hashlib.sha256(f"val:{prompt_id}".encode()).hexdigest(), 16) % VAL_SHARE
+    return "val" if bucket == 0 else "eval"
 
 
 def load_bundled(fmt: str = "pairwise", split: str = "train") -> list[dict[str, Any]]:
@@ -26,11 +37,14 @@ def load_bundled(fmt: str = "pairwise", split: str = "train") -> list[dict[str, 
     if fmt not in FORMATS:
         raise DataError(f"unknown bundled format {fmt!r}; choose one of {', '.join(FORMATS)}", source="bundled")
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose train or test", source="bundled")
-    path = FOLDER / f"listwise.{split}.jsonl"
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}", source="bundled")
+    path = FOLDER / f"listwise.{'train' if split == 'train' else 'test'}.jsonl"
     if not path.exists():
         raise DataError("the bundled dataset is missing from this installation", source=str(path))
-    rows = [{k: v for k, v in row.items() if k != "id"} for row in read_jsonl(path)]
+    rows = read_jsonl(path)
+    if split in ("val", "eval"):
+        rows = [row for row in rows if heldout_part(str(row["id"])) == split]
+    rows = [{k: v for k, v in row.items() if k != "id"} for row in rows]
     target = "prompt" if fmt == "prompts" else fmt
     if target == "listwise":
         return rows
