@@ -70,7 +70,17 @@ def default_points(quick: bool = False) -> list[Point]:
     points.append(Point(f"dpo_prompt{prompt}", "dpo", ["unialign-prefix"], prompt, completion, x=2))
     points += [Point(f"rao_k{k}", "rao", ["unialign-prefix"], prompt, completion, k, x=k) for k in ks]
     points.append(Point(f"tpo_prompt{prompt}", "tpo", ["trl", "unialign-prefix"], prompt, completion, x=3))
-    points += [p for p in dpo if p.x == longest]
+    half = 64 if quick else 2048
+    # where the time goes at 2048 tokens: torch.profiler over the timed step (which it slows, hence a point apart)
+    points.append(Point(f"profile_dpo{half}", "dpo", ["trl", "unialign-prefix"], half // 2, half // 2, x=half,
+                        overrides={"profile": True, "steps": 1}))
+    # the "≈1,000-token conversational pairs, batch 2, 4 steps": 600-token prompts, 400-token completions
+    pair = (24, 16) if quick else (600, 400)
+    points.append(Point(f"pairs_dpo{sum(pair)}", "dpo", ["trl", "unialign-prefix"], *pair, x=sum(pair),
+                        overrides={"batch_size": 2, "warmup": 1, "steps": 3}))
+    # the longest last; one timed step there (a step of TRL at 4096 tokens takes minutes on 2 cores)
+    points += [Point(p.name, p.method, p.libraries, p.prompt_length, p.completion_length, x=p.x,
+                     overrides={"steps": 1}) for p in dpo if p.x == longest]
     return points
 
 
