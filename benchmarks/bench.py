@@ -997,9 +997,44 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def limit_cpu_memory() -> int | None:
+    """Cap this process's address space at what it has mapped now plus 90 % of the machine's available memory.
+
+    On a shared CPU machine a run that outgrows memory (TRL's full-vocabulary logits at 4096 tokens) should
+    fail in its own allocation, to be recorded as out of memory, rather than wake the kernel's OOM killer,
+    which may pick another user's process. Linux only (``/proc``); the cap in bytes, or None where unset.
+    """
+    import resource
+
+    try:
+        meminfo = Path("/proc/meminfo").read_text(encoding="ascii")
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+    except OSError:
+        return None
+
+    def kib(text: str, key: str) -> int:
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":")))
+
+    cap = (kib(status, "VmSize") + int(0.9 * kib(meminfo, "MemAvailable"))) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return cap
+
+
+def _out_of_memory(error: str) -> bool:
+    return "can't allocate memory" in error or "MemoryError" in error or "std::bad_alloc" in error
+
+
 def _worker(payload: str) -> None:
     method, library, values = json.loads(payload)
-    row = _safe_run(method, library, BenchConfig(**values))
+    cfg = BenchConfig(**values)
+    cap = limit_cpu_memory() if _device(cfg) == "cpu" else None
+    row = _safe_run(method, library, cfg)
+    if cap is not None and _out_of_memory(row.get("error", "")):
+        row["error"] = (f"out of memory: the step needed more than the {cap / 2**30:.1f} GiB of address space "
+                        f"this machine had available ({row['error'][:200]})")
     print("BENCH-RESULT " + json.dumps(row), flush=True)
 
 

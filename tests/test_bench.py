@@ -312,3 +312,18 @@ def test_a_worker_past_its_time_limit_is_recorded_not_lost(tiny_model_dir):
     cfg = _synthetic_cfg(tiny_model_dir, "dpo", worker_timeout=0.01)
     assert _run_isolated("dpo", "unialign", cfg) == {
         "method": "dpo", "library": "unialign", "error": "did not finish within the worker limit of 0.01 s"}
+
+
+def test_a_worker_that_outgrows_memory_fails_in_its_own_allocation():
+    import subprocess
+    import sys
+
+    from benchmarks import worker_env
+    from benchmarks.bench import _out_of_memory
+
+    script = ("import torch; from benchmarks.bench import limit_cpu_memory; cap = limit_cpu_memory()\n"
+              "try:\n    torch.empty(2 * cap // 4)\nexcept RuntimeError as err:\n    print('REFUSED', cap > 0, err)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=worker_env(),
+                          timeout=120)
+    assert proc.stdout.startswith("REFUSED True"), proc.stderr[-2000:]
+    assert _out_of_memory(proc.stdout) and not _out_of_memory("ValueError: bad row")
