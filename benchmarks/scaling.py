@@ -63,24 +63,25 @@ def default_points(quick: bool = False) -> list[Point]:
     prompt = 16 if quick else 1024
     completion = 8 if quick else 256
     longest = max(lengths)
-    # 2048 first (the headline comparison), the longest last (the one most likely not to fit)
-    order = sorted(lengths, key=lambda n: (n != (64 if quick else 2048), n))
-    dpo = [Point(f"dpo_len{n}", "dpo", dpo_libraries, n // 2, n // 2, x=n) for n in order]
-    points = [p for p in dpo if p.x != longest]
-    points.append(Point(f"dpo_prompt{prompt}", "dpo", ["unialign-prefix"], prompt, completion, x=2))
-    points += [Point(f"rao_k{k}", "rao", ["unialign-prefix"], prompt, completion, k, x=k) for k in ks]
-    points.append(Point(f"tpo_prompt{prompt}", "tpo", ["trl", "unialign-prefix"], prompt, completion, x=3))
     half = 64 if quick else 2048
+    # Most informative first, since a shared machine may cut a sweep short: the headline length, the
+    # rest of the DPO curve (the longest step is capped at one timed step: TRL's takes minutes on 2 cores),
+    # RAO at the K the goal names, the profile, then the other Ks, TPO and the issue's ~1000-token pairs.
+    order = [half, *sorted(n for n in lengths if n != half)]
+    dpo = [Point(f"dpo_len{n}", "dpo", dpo_libraries, n // 2, n // 2, x=n,
+                 overrides={"steps": 1} if n == longest and not quick else {}) for n in order]
+    rao = {k: Point(f"rao_k{k}", "rao", ["unialign-prefix"], prompt, completion, k, x=k) for k in ks}
+    goal_k = 8 if 8 in rao else ks[-1]
+    points = [*dpo, Point(f"dpo_prompt{prompt}", "dpo", ["unialign-prefix"], prompt, completion, x=2), rao[goal_k]]
     # where the time goes at 2048 tokens: torch.profiler over the timed step (which it slows, hence a point apart)
     points.append(Point(f"profile_dpo{half}", "dpo", ["trl", "unialign-prefix"], half // 2, half // 2, x=half,
                         overrides={"profile": True, "steps": 1}))
+    points += [rao[k] for k in ks if k != goal_k]
+    points.append(Point(f"tpo_prompt{prompt}", "tpo", ["trl", "unialign-prefix"], prompt, completion, x=3))
     # the "≈1,000-token conversational pairs, batch 2, 4 steps": 600-token prompts, 400-token completions
     pair = (24, 16) if quick else (600, 400)
     points.append(Point(f"pairs_dpo{sum(pair)}", "dpo", ["trl", "unialign-prefix"], *pair, x=sum(pair),
                         overrides={"batch_size": 2, "warmup": 1, "steps": 3}))
-    # the longest last; one timed step there (a step of TRL at 4096 tokens takes minutes on 2 cores)
-    points += [Point(p.name, p.method, p.libraries, p.prompt_length, p.completion_length, x=p.x,
-                     overrides={"steps": 1}) for p in dpo if p.x == longest]
     return points
 
 
@@ -121,14 +122,16 @@ def run_points(points: list[Point], base: BenchConfig, out: Path, lock: str = ""
             log(f"{point.name}: found {path}, skipped")
             continue
         cfg = point_config(point, base)
-        start = time.perf_counter()
+        asked = time.perf_counter()
         with held(lock):
+            start = time.perf_counter()
             report = run(cfg)
+            wall = time.perf_counter() - start
         report = {k: v for k, v in report.items() if k != "path"} | {
-            "point": asdict(point), "wall_s": time.perf_counter() - start}
+            "point": asdict(point), "wall_s": wall, "waited_for_lock_s": start - asked}
         path.write_text(jsonfile.dumps(report, indent=1) + "\n", encoding="utf-8")
         reports[point.name] = report
-        log(f"{point.name}: {time.perf_counter() - start:.0f} s, wrote {path}")
+        log(f"{point.name}: {wall:.0f} s (after {start - asked:.0f} s waiting for the lock), wrote {path}")
     return reports
 
 

@@ -60,7 +60,8 @@ def test_the_sweep_covers_the_issues_lengths_and_ks():
             for n in (256, 1024, 2048, 4096)] == [256, 1024, 2048, 4096]
     assert [points[f"rao_k{k}"].completions for k in (2, 4, 8, 16)] == [2, 4, 8, 16]
     assert points["dpo_len2048"].libraries == ["trl", "trl-kept-memory", "unialign-prefix"]
-    assert list(points)[0] == "dpo_len2048" and list(points)[-1] == "dpo_len4096"
+    assert list(points)[:4] == ["dpo_len2048", "dpo_len256", "dpo_len1024", "dpo_len4096"]
+    assert points["dpo_len4096"].overrides == {"steps": 1} and points["profile_dpo2048"].overrides["profile"]
     cfg = point_config(points["rao_k8"], BenchConfig(batch_size=1))
     assert (cfg.synthetic, cfg.methods, cfg.completions, cfg.max_length) == (True, ["rao"], 8, 1280)
 
