@@ -195,10 +195,11 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
                          + f" | not measured: {r['error']} |")
             continue
         check = r.get("vs_trl", "reference" if r["library"].startswith("trl") else "")
+        after = num(r.get("loss_gap_step1"), ".1e")
         if check == "ok":
-            check = f"ok (gap {r['loss_gap']:.1e})"
+            check = f"ok (gap {r['loss_gap']:.1e}; after 1 update {after})"
         elif check == "loss_mismatch":
-            check = f"**LOSS MISMATCH** (gap {r['loss_gap']:.2e}): no speed-up claimed"
+            check = f"**LOSS MISMATCH** (gap {r['loss_gap']:.1e}; after 1 update {after}): no speed-up claimed"
         lines.append(
             f"| {r['point']} | {r['method']} | {r['library']} | {shape} | {r['loss_step0']:.6f} | "
             f"{r['s_per_step']:.1f} | {r['useful_tokens_per_s']:.1f} | {r['s_per_completion']:.2f} | "
