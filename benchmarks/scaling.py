@@ -192,7 +192,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
         shape = f"{r['prompt_length']} + {r['completion_length']}" + (f" × {k:g}" if k else "")
         if "error" in r:
             lines.append(f"| {r['point']} | {r['method']} | {r['library']} | {shape} | " + " | ".join(["–"] * 10)
-                         + f" | not measured: {r['error']} |")
+                         + f" | not measured: {r['error'].split(' (RuntimeError')[0]} |")
             continue
         check = r.get("vs_trl", "reference" if r["library"].startswith("trl") else "")
         after = num(r.get("loss_gap_step1"), ".1e")
