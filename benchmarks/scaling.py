@@ -240,6 +240,8 @@ def draw_figure(rows: list[dict[str, Any]], path: Path) -> Path:
                      label="RAO s/completion")
         axes[2].plot([r["x"] for r in rao], [r["peak_step_mem_mb"] / 1000 for r in rao], marker="s",
                      label="RAO step peak (GB)")
+    else:
+        axes[2].text(0.5, 0.5, "not measured", ha="center", va="center", transform=axes[2].transAxes)
     dpo = [r for r in ok if r["point"].startswith("dpo_prompt")]
     if dpo:
         axes[2].axhline(dpo[0]["s_per_completion"], color="grey", linestyle="--", label="DPO s/completion")
