@@ -1,6 +1,9 @@
 """This repository's harnesses around the unialign library: they import it, it never imports them.
 
-- :mod:`benchmarks.bench`: unialign against TRL on the same work (``python -m benchmarks.bench``).
+- :mod:`benchmarks.bench`: unialign against TRL on the same work (``python -m benchmarks.bench``), on the
+  bundled data, a user's dataset (``--data``) or generated rows of any length (``--synthetic``).
+- :mod:`benchmarks.scaling`: that bench at 256-4096 tokens and K = 2-16, resumable, with fitted growth
+  exponents, a table and a figure (``python -m benchmarks.scaling``).
 - :mod:`benchmarks.claims`: the papers' claims as a resumable sweep (``python -m benchmarks.claims``).
 - :mod:`benchmarks.gpu`: the prepared GPU check, with a CPU dry run (``python -m benchmarks.gpu [--dry]``).
 - ``padding.py``, ``online_vs_ppo.py``, ``data_prep.py``, ``judge_speed.py``: single measurements

@@ -89,6 +89,13 @@ class BenchConfig:
     profile: bool = False
     memory_steps: int = 2
     repeat: int = 1
+    data: str = ""  # a dataset the loader accepts instead of the method's bundled one ("" = bundled)
+    synthetic: bool = False  # generated rows of exactly prompt_length / completion_length tokens instead
+    prompt_length: int = 0
+    completion_length: int = 0
+    completions: int = 0  # completions per synthetic row; 0 = the method's own number (RAO: 4)
+    seed: int = 0
+    worker_timeout: float = 0.0  # seconds a (method, library) worker may run; 0 = no limit
 
 
 # --------------------------------------------------------------------------- measurements
@@ -202,15 +209,107 @@ def matmul_peak_flops(device: str, threads: int, size: int = 2048, repeats: int 
 # --------------------------------------------------------------------------- data
 
 
+# completions per row each method's format has (None: any number from 2 up, RAO's listwise rows)
+COMPLETIONS = {"dpo": 2, "simpo": 2, "kto": 1, "tpo": 3, "rao": None}
+RAO_DEFAULT_COMPLETIONS = 4
+
+
+def completions_for(method: str, cfg: BenchConfig) -> int:
+    """Completions per synthetic row of ``method``: ``cfg.completions`` when given and valid, else its own number."""
+    fixed = COMPLETIONS[method]
+    if cfg.completions == 0:
+        return fixed or RAO_DEFAULT_COMPLETIONS
+    if fixed is not None and cfg.completions != fixed:
+        raise ValueError(f"--completions {cfg.completions}: {method} rows have exactly {fixed} completion"
+                         f"{'s' if fixed > 1 else ''} (pairs for dpo/simpo, 1 for kto, triples for tpo; "
+                         f"only rao takes any K >= 2)")
+    if cfg.completions < 2:
+        raise ValueError(f"--completions {cfg.completions}: rao needs at least 2 completions per row")
+    return cfg.completions
+
+
+def check_data_options(cfg: BenchConfig) -> None:
+    """One clear line for options that cannot go together or are out of range (before anything runs)."""
+    if cfg.synthetic and cfg.data:
+        raise ValueError(f"--data {cfg.data!r} and --synthetic exclude each other: give a dataset or generate one")
+    if not cfg.synthetic:
+        given = [name for name in ("prompt_length", "completion_length", "completions") if getattr(cfg, name)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to generated rows only: add --synthetic")
+        return
+    for name in ("prompt_length", "completion_length"):
+        if getattr(cfg, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1 with --synthetic (got {getattr(cfg, name)})")
+    if cfg.completions < 0:
+        raise ValueError(f"--completions must be at least 1 (got {cfg.completions})")
+    for method in cfg.methods:
+        completions_for(method, cfg)
+    total = cfg.prompt_length + cfg.completion_length
+    if cfg.max_length < total:
+        raise ValueError(f"--max-length {cfg.max_length} is below --prompt-length + --completion-length = {total}: "
+                         "rows would be truncated (leave --max-length out to use their length)")
+
+
+def ordinary_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's ids that are neither special nor added tokens (chat markers, padding, BOS/EOS)."""
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def synthetic_examples(method: str, cfg: BenchConfig, tokenizer, rows: int) -> list:
+    """``rows`` generated rows for ``method``: prompts of exactly ``prompt_length`` ids and completions of exactly
+    ``completion_length``, drawn uniformly (seeded by ``cfg.seed``) from the tokenizer's ordinary vocabulary.
+
+    Every prompt starts with the same id (RAO's prefix consistency needs one shared first token). Feedback
+    follows the method's format: DPO/SimPO pairs labelled (1, 0); TPO triples (reference, chosen, rejected)
+    labelled (1, 1, 0); KTO single completions labelled alternately desirable and undesirable, with the
+    mismatched KL completions the loader would attach; RAO K-listwise rows with K distinct scores in [0, 1].
+    """
+    import numpy as np
+
+    from unialign.data.tokenize import TokenizedExample, attach_kl_pairs
+
+    vocab = np.asarray(ordinary_token_ids(tokenizer))
+    rng = np.random.default_rng(cfg.seed)
+    k = completions_for(method, cfg)
+    first = int(vocab[rng.integers(len(vocab))])
+
+    def draw(n: int) -> list[int]:
+        return [int(i) for i in vocab[rng.integers(len(vocab), size=n)]]
+
+    examples = []
+    for row in range(rows):
+        prompt = [first, *draw(cfg.prompt_length - 1)]
+        completions = [draw(cfg.completion_length) for _ in range(k)]
+        example = TokenizedExample(prompt_ids=prompt, completion_ids=completions, row=row)
+        if method in ("dpo", "simpo"):
+            example.labels, example.scores, example.rewards = [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]
+        elif method == "tpo":
+            example.labels = [1.0, 1.0, 0.0]
+        elif method == "kto":
+            example.labels = [1.0 if row % 2 == 0 else 0.0]
+        else:  # rao: K distinct scores, in a random order
+            scores = [float(s) for s in rng.permutation(np.linspace(0.0, 1.0, k))]
+            example.scores, example.rewards = scores, list(scores)
+        examples.append(example)
+    if method == "kto":
+        attach_kl_pairs(examples, cfg.prompt_length + cfg.completion_length)
+    return examples
+
+
 def prepare_examples(method: str, cfg: BenchConfig, tokenizer) -> list:
-    """The method's bundled rows tokenized by unialign, cycled to ``batch_size × (warmup + steps)`` rows."""
+    """The rows of one run, cycled to ``batch_size × (warmup + steps + memory_steps)``: the method's bundled rows
+    (or ``cfg.data``) tokenized by unialign, or with ``cfg.synthetic`` generated ones (:func:`synthetic_examples`)."""
     from unialign.config import UnialignConfig
     from unialign.losses.registry import get_method
     from unialign.pipeline import prepare_data
 
-    ucfg = UnialignConfig(loss_type=method, output_dir=tempfile.mkdtemp(), max_length=cfg.max_length, report_to=[])
-    data = prepare_data(METHODS[method]["data"], ucfg, get_method(method).for_config(ucfg), tokenizer)
     need = cfg.batch_size * (cfg.warmup + cfg.steps + cfg.memory_steps)
+    if cfg.synthetic:
+        return synthetic_examples(method, cfg, tokenizer, need)
+    ucfg = UnialignConfig(loss_type=method, output_dir=tempfile.mkdtemp(), max_length=cfg.max_length, report_to=[])
+    data = prepare_data(cfg.data or METHODS[method]["data"], ucfg, get_method(method).for_config(ucfg), tokenizer)
     return [data.examples[i % len(data.examples)] for i in range(need)]
 
 
@@ -590,7 +689,16 @@ def format_profile(rows: list[dict[str, Any]]) -> str:
 
 def _run_isolated(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps([method, library, asdict(cfg)])]
-    result = subprocess.run(command, capture_output=True, text=True, env=worker_env())
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=worker_env(),
+                                timeout=cfg.worker_timeout or None)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "library": library,
+                "error": f"did not finish within the worker limit of {cfg.worker_timeout:g} s"}
+    if result.returncode < 0:  # killed by a signal: on Linux SIGKILL is almost always the out-of-memory killer
+        return {"method": method, "library": library,
+                "error": f"worker killed by signal {-result.returncode}"
+                         + (" (out of memory)" if result.returncode == -9 else "")}
     for line in reversed(result.stdout.splitlines()):
         if line.startswith("BENCH-RESULT "):
             return json.loads(line[len("BENCH-RESULT ") :])
@@ -742,6 +850,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.steps < 1 or cfg.memory_steps < 1 or cfg.repeat < 1:
         raise ValueError(f"steps, memory_steps and repeat must each be at least 1 (got {cfg.steps}, "
                          f"{cfg.memory_steps}, {cfg.repeat})")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    check_data_options(cfg)
     info = machine_info(device, cfg.threads)
     peak = matmul_peak_flops(device, cfg.threads)
     torch.set_num_threads(cfg.threads)
@@ -801,7 +912,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--libraries", default=",".join(d.libraries), help=f"comma-separated, from {', '.join(LIBRARIES)}"
     )
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step (each with K completions)")
-    parser.add_argument("--max-length", type=int, default=d.max_length, help="prompt + completion tokens")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help=f"prompt + completion tokens (default {d.max_length}; with --synthetic the rows' length)")
+    parser.add_argument("--data", default=d.data,
+                        help="a dataset instead of the bundled one: a local jsonl/json/parquet/csv file or folder the "
+                             "loader accepts, with the method's TRL-compatible columns")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="generate rows from the tokenizer's ordinary vocabulary (seeded) of exactly "
+                             "--prompt-length and --completion-length tokens")
+    parser.add_argument("--prompt-length", type=int, default=d.prompt_length, help="tokens per synthetic prompt")
+    parser.add_argument("--completion-length", type=int, default=d.completion_length,
+                        help="tokens per synthetic completion")
+    parser.add_argument("--completions", type=int, default=d.completions,
+                        help="completions per synthetic row (K): 2 for dpo/simpo, 3 for tpo, 1 for kto, any K >= 2 "
+                             f"for rao (default: the method's own; rao {RAO_DEFAULT_COMPLETIONS})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic rows")
+    parser.add_argument("--worker-timeout", type=float, default=d.worker_timeout,
+                        help="seconds one (method, library) worker may run before it is recorded as not finished")
     parser.add_argument("--steps", type=int, default=d.steps, help="timed steps")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
     parser.add_argument("--memory-steps", type=int, default=d.memory_steps,
@@ -827,7 +954,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         methods=[m for m in args.methods.split(",") if m],
         libraries=[x for x in args.libraries.split(",") if x],
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=args.max_length if args.max_length is not None else (
+            args.prompt_length + args.completion_length if args.synthetic else BenchConfig.max_length),
         steps=args.steps,
         warmup=args.warmup,
         memory_steps=args.memory_steps,
@@ -841,6 +969,13 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         profile=args.profile,
         repeat=args.repeat,
+        data=args.data,
+        synthetic=args.synthetic,
+        prompt_length=args.prompt_length,
+        completion_length=args.completion_length,
+        completions=args.completions,
+        seed=args.seed,
+        worker_timeout=args.worker_timeout,
     )
     report = run_bench(cfg)
     m = report["machine"]
@@ -864,9 +999,44 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def limit_cpu_memory() -> int | None:
+    """Cap this process's address space at what it has mapped now plus 90 % of the machine's available memory.
+
+    On a shared CPU machine a run that outgrows memory (TRL's full-vocabulary logits at 4096 tokens) should
+    fail in its own allocation, to be recorded as out of memory, rather than wake the kernel's OOM killer,
+    which may pick another user's process. Linux only (``/proc``); the cap in bytes, or None where unset.
+    """
+    import resource
+
+    try:
+        meminfo = Path("/proc/meminfo").read_text(encoding="ascii")
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+    except OSError:
+        return None
+
+    def kib(text: str, key: str) -> int:
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":")))
+
+    cap = (kib(status, "VmSize") + int(0.9 * kib(meminfo, "MemAvailable"))) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return cap
+
+
+def _out_of_memory(error: str) -> bool:
+    return "can't allocate memory" in error or "MemoryError" in error or "std::bad_alloc" in error
+
+
 def _worker(payload: str) -> None:
     method, library, values = json.loads(payload)
-    row = _safe_run(method, library, BenchConfig(**values))
+    cfg = BenchConfig(**values)
+    cap = limit_cpu_memory() if _device(cfg) == "cpu" else None
+    row = _safe_run(method, library, cfg)
+    if cap is not None and _out_of_memory(row.get("error", "")):
+        row["error"] = (f"out of memory: the step needed more than the {cap / 2**30:.1f} GiB of address space "
+                        f"this machine had available ({row['error'][:200]})")
     print("BENCH-RESULT " + json.dumps(row), flush=True)
 
 

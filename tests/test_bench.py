@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,8 @@ from benchmarks.bench import (
     format_table,
     median_runs,
     op_category,
+    ordinary_token_ids,
+    prepare_examples,
     run_bench,
     step_flops,
     summarize,
@@ -203,3 +206,124 @@ def test_watched_model_records_the_step_peak_that_a_slow_sampler_misses(tiny_mod
         handle.remove()
     assert len(handles) == 1 + model.config.num_hidden_layers
     assert memory.delta_mb >= logits_mb  # the forward hook saw the logits (and more) alive
+
+
+# --------------------------------------------------------------------------- any length: --data and --synthetic
+
+
+def _synthetic_cfg(model, method, **extra):
+    values = dict(model=model, methods=[method], libraries=["unialign"], batch_size=2, steps=1, warmup=1,
+                  memory_steps=1, synthetic=True, prompt_length=12, completion_length=7, max_length=19,
+                  isolate=False, output_dir="")
+    return BenchConfig(**(values | extra))
+
+
+@pytest.mark.parametrize(("method", "k"), [("dpo", 2), ("simpo", 2), ("kto", 1), ("tpo", 3), ("rao", 4), ("rao", 16)])
+def test_synthetic_rows_have_exact_lengths_and_only_ordinary_tokens(tiny_model_dir, tokenizer, method, k):
+    cfg = _synthetic_cfg(tiny_model_dir, method, completions=k if method == "rao" else 0)
+    rows = prepare_examples(method, cfg, tokenizer)
+    assert len(rows) == 2 * 3  # batch × (warm-up + timed + memory steps)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    assert special and {0, 1, 2} <= special  # <|endoftext|>, <|im_start|>, <|im_end|> of the real vocabulary
+    for row in rows:
+        assert len(row.prompt_ids) == 12
+        assert [len(c) for c in row.completion_ids] == [7] * k
+        ids = row.prompt_ids + [t for c in row.completion_ids for t in c] + (row.kl_completion_ids or [])
+        assert not special & set(ids) and all(0 <= t < len(tokenizer) for t in ids)
+    assert len({row.prompt_ids[0] for row in rows}) == 1  # RAO's shared first token
+    assert len({tuple(row.prompt_ids) for row in rows}) == len(rows)  # otherwise distinct rows
+    again = prepare_examples(method, cfg, tokenizer)
+    assert [r.prompt_ids for r in again] == [r.prompt_ids for r in rows]  # seeded: deterministic
+    other = prepare_examples(method, BenchConfig(**(asdict(cfg) | {"seed": 1})), tokenizer)
+    assert [r.prompt_ids for r in other] != [r.prompt_ids for r in rows]
+    if method == "kto":
+        assert [r.labels for r in rows[:2]] == [[1.0], [0.0]]
+        assert all(len(r.kl_completion_ids) == 7 and r.kl_completion_ids != r.completion_ids[0] for r in rows)
+    if method == "rao":
+        assert all(sorted(r.scores) == pytest.approx([i / (k - 1) for i in range(k)]) for r in rows)
+    if method == "tpo":
+        assert rows[0].labels == [1.0, 1.0, 0.0]
+
+
+def test_ordinary_vocabulary_leaves_out_special_and_added_tokens(tokenizer):
+    ids = ordinary_token_ids(tokenizer)
+    assert len(ids) == len(tokenizer) - len(set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))
+    assert 0 not in ids and 1 not in ids and 2 not in ids and ids[-1] == len(tokenizer) - 1
+
+
+def test_a_users_dataset_replaces_the_bundled_one(tiny_model_dir, tokenizer, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Name the colour number {i}.", "chosen": f"Colour {i} is blue.", "rejected": "No."}
+            for i in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    cfg = BenchConfig(model=tiny_model_dir, methods=["dpo"], batch_size=2, steps=1, warmup=1, memory_steps=1,
+                      data=str(path))
+    examples = prepare_examples("dpo", cfg, tokenizer)
+    assert len(examples) == 6 and [e.row for e in examples] == [0, 1, 2, 0, 1, 2]  # cycled
+    assert "Colour 1 is blue." in tokenizer.decode(examples[1].completion_ids[0])
+    report = run_bench(BenchConfig(**(asdict(cfg) | {"libraries": ["trl", "unialign-prefix"], "isolate": False,
+                                                       "output_dir": "", "threads": 1})))
+    ours = next(r for r in report["rows"] if r["library"] == "unialign-prefix")
+    assert ours["vs_trl"] == "ok", ours.get("error")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--synthetic", "--prompt-length", "0", "--completion-length", "8"],
+     "--prompt-length must be at least 1 with --synthetic (got 0)"),
+    (["--synthetic", "--prompt-length", "8"], "--completion-length must be at least 1 with --synthetic (got 0)"),
+    (["--prompt-length", "8", "--completion-length", "8"],
+     "--prompt-length applies to generated rows only: add --synthetic"),
+    (["--synthetic", "--prompt-length", "8", "--completion-length", "8", "--max-length", "12"],
+     "--max-length 12 is below --prompt-length + --completion-length = 16: rows would be truncated"),
+    (["--synthetic", "--data", "x.jsonl", "--prompt-length", "8", "--completion-length", "8"],
+     "--data 'x.jsonl' and --synthetic exclude each other"),
+    (["--methods", "dpo", "--synthetic", "--prompt-length", "8", "--completion-length", "8", "--completions", "3"],
+     "--completions 3: dpo rows have exactly 2 completions"),
+    (["--methods", "rao", "--synthetic", "--prompt-length", "8", "--completion-length", "8", "--completions", "1"],
+     "--completions 1: rao needs at least 2 completions per row"),
+    (["--methods", "dpo", "--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+])
+def test_bad_length_options_end_in_one_line_and_exit_1(argv, message, capsys, tmp_path):
+    from benchmarks.bench import main
+
+    assert main(["--libraries", "unialign", "--output-dir", str(tmp_path), *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_synthetic_max_length_defaults_to_the_rows_length():
+    from benchmarks.bench import build_parser as parser
+
+    args = parser().parse_args(["--synthetic", "--prompt-length", "100", "--completion-length", "28"])
+    assert args.max_length is None and args.prompt_length + args.completion_length == 128
+
+
+def test_synthetic_rows_train_both_libraries_on_the_same_token_counts(tiny_model_dir):
+    report = run_bench(_synthetic_cfg(tiny_model_dir, "dpo", libraries=["trl", "unialign-prefix"], threads=1))
+    rows = {r["library"]: r for r in report["rows"]}
+    assert rows["trl"]["useful_tokens_per_step"] == rows["unialign-prefix"]["useful_tokens_per_step"] == 2 * 2 * 19
+    assert rows["unialign-prefix"]["fed_tokens_per_step"] == 2 * (12 + 7 + 7)  # the prompt once per row
+    assert rows["unialign-prefix"]["vs_trl"] == "ok"
+
+
+def test_a_worker_past_its_time_limit_is_recorded_not_lost(tiny_model_dir):
+    from benchmarks.bench import _run_isolated
+
+    cfg = _synthetic_cfg(tiny_model_dir, "dpo", worker_timeout=0.01)
+    assert _run_isolated("dpo", "unialign", cfg) == {
+        "method": "dpo", "library": "unialign", "error": "did not finish within the worker limit of 0.01 s"}
+
+
+def test_a_worker_that_outgrows_memory_fails_in_its_own_allocation():
+    import subprocess
+    import sys
+
+    from benchmarks import worker_env
+    from benchmarks.bench import _out_of_memory
+
+    script = ("import torch; from benchmarks.bench import limit_cpu_memory; cap = limit_cpu_memory()\n"
+              "try:\n    torch.empty(2 * cap // 4)\nexcept RuntimeError as err:\n    print('REFUSED', cap > 0, err)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=worker_env(),
+                          timeout=120)
+    assert proc.stdout.startswith("REFUSED True"), proc.stderr[-2000:]
+    assert _out_of_memory(proc.stdout) and not _out_of_memory("ValueError: bad row")
