@@ -364,7 +364,7 @@ def _models(cfg: BenchConfig, needs_reference: bool):
 
 def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, reference, tokenizer, examples):
     from unialign.config import UnialignConfig
-    from unialign.data.collate import PreferenceCollator, has_shared_prompts, pack_shared_prefix
+    from unialign.data.collate import PreferenceCollator
     from unialign.losses.registry import get_method
     from unialign.trainer import UnialignTrainer
 
@@ -395,12 +395,9 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
     )
 
     def collate(rows):
-        # The trainer builds the prefix-shared layout on first use; built here, it is timed as collation,
-        # the phase where TRL's collators do their padding.
-        batch = collator(rows)
-        if options["prefix_sharing"] and has_shared_prompts(batch):
-            batch.packed = pack_shared_prefix(batch, tokenizer.pad_token_id)
-        return batch
+        # The trainer builds its packed layout (segments, or the dense mask where it falls back) on first use;
+        # built here, it is timed as collation, the phase where TRL's collators do their padding.
+        return trainer.build_layout(collator(rows))
 
     return trainer, collate
 
