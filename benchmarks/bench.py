@@ -777,14 +777,16 @@ def completion_costs(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def num(value, fmt: str) -> str:
+    """A table cell: ``value`` formatted with ``fmt``, or a dash when it was not measured."""
+    return "–" if value is None else format(value, fmt)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the rows."""
     head = ("| method | library | loss@0 | s/step | CPU s/step | useful tok/s | s/completion | step peak MiB "
             "| peak RSS MiB | FLOP/s | of peak | vs TRL: tok/s × | CPU-time × | mem × | check |")
     lines = [head, "|" + "---|" * 15]
-
-    def num(value, fmt):
-        return "–" if value is None else format(value, fmt)
 
     for r in rows:
         if "error" in r:

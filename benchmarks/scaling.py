@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import add_debug_argument, run_cli
-from benchmarks.bench import BenchConfig, run_bench
+from benchmarks.bench import BenchConfig, num, run_bench
 from unialign import jsonfile
 
 DPO_LENGTHS = (256, 1024, 2048, 4096)
@@ -135,6 +135,12 @@ def run_points(points: list[Point], base: BenchConfig, out: Path, lock: str = ""
     return reports
 
 
+def finished_reports(points: list[Point], out: Path) -> dict[str, dict[str, Any]]:
+    """The report of every point in ``points`` that ``out`` holds, by name (whichever run wrote it)."""
+    paths = {point.name: out / f"{point.name}.json" for point in points}
+    return {name: json.loads(path.read_text(encoding="utf-8")) for name, path in paths.items() if path.exists()}
+
+
 def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     """Least-squares slope of log y against log x: the ``a`` of ``y ∝ x^a``; None with fewer than two usable points."""
     pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
@@ -183,9 +189,6 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
     head = ("| point | method | library | prompt + completion × K | loss@0 | s/step | useful tok/s | s/completion "
             "| step peak MiB | peak RSS MiB | of peak | tok/s × TRL | mem × TRL | × TRL kept-memory | check |")
     lines = [head, "|" + "---|" * 15]
-
-    def num(value, fmt):
-        return "–" if value is None else format(value, fmt)
 
     for r in rows:
         k = r.get("completions_per_step")
@@ -284,8 +287,10 @@ def run_scaling_cli(args: argparse.Namespace) -> int:
                        memory_steps=args.memory_steps, threads=args.threads, dtype=args.dtype,
                        worker_timeout=args.worker_timeout, profile=args.profile)
     out = Path(args.output_dir)
-    reports = run_points(points, base, out, lock=args.lock, log=lambda m: print(m, file=sys.stderr, flush=True))
-    rows = curve_rows(reports, default_points(quick=args.quick))
+    run_points(points, base, out, lock=args.lock, log=lambda m: print(m, file=sys.stderr, flush=True))
+    # The table, exponents and figure cover every finished point, not only those this call ran (--only).
+    every = default_points(quick=args.quick)
+    rows = curve_rows(finished_reports(every, out), every)
     table = scaling_table(rows)
     text = summary_text(rows)
     (out / "scaling_table.md").write_text(table + "\n\n" + text + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ from benchmarks.scaling import (
     default_points,
     draw_figure,
     exponents,
+    finished_reports,
     fit_exponent,
     main,
     point_config,
@@ -125,3 +126,13 @@ def test_unknown_points_end_in_one_line(capsys, tmp_path):
     assert main(["--only", "dpo_len99", "--output-dir", str(tmp_path), "--lock", ""]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--only: unknown point(s) ['dpo_len99']" in err[0]
+
+
+def test_the_report_covers_every_finished_point_not_only_those_just_run(swept):
+    out, point, base, _ = swept
+    other = Point("rao_k3", "rao", ["unialign-prefix"], 16, 8, completions=3, x=3)
+    (out / "rao_k3.json").write_text(json.dumps({"rows": [], "point": {"name": "rao_k3"}}), encoding="utf-8")
+    missing = Point("rao_k5", "rao", ["unialign-prefix"], 16, 8, completions=5, x=5)
+    found = finished_reports([point, other, missing], out)
+    assert sorted(found) == ["dpo_len32", "rao_k3"]
+    assert found["dpo_len32"] == json.loads((out / "dpo_len32.json").read_text(encoding="utf-8"))
