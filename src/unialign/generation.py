@@ -105,13 +105,13 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, progress
 
 def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
                       progress: bool = False, desc: str = "generating",
-                      synced: bool = False) -> list[list[Generation]]:
+                      synced: bool | None = None) -> list[list[Generation]]:
     """:func:`generate` for prompts that are already token ids (online training tokenizes them once).
 
     ``synced``: under ZeRO-3 and FSDP2 a forward gathers weights from every process, so all processes must make
     the same number of forwards: one whose completions have all ended keeps stepping until every process's
-    have (transformers' ``synced_gpus``). transformers guesses this from global state when it is not given;
-    online training passes it from the engine it runs under (:func:`unialign.distributed.shards_weights`).
+    have (transformers' ``synced_gpus``). ``None`` lets transformers guess this from global state; online
+    training passes it from the engine it runs under (:func:`unialign.distributed.shards_weights`).
 
     Returns one list of ``num_return_sequences`` :class:`Generation` per prompt, in prompt order.
     """
@@ -135,7 +135,7 @@ def generate_from_ids(model, tokenizer, prompt_ids: list[list[int]], config: Gen
 
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig, device,
-                    synced: bool = False):
+                    synced: bool | None = None):
     width = max(len(ids) for ids in prompt_ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
