@@ -112,12 +112,17 @@ def free_port() -> str:
 
 
 def launch(engine: str | None, config: dict, tmp_path: Path, check: bool = True, **env) -> subprocess.CompletedProcess:
-    """Train ``config`` in one process (``engine=None``) or two under ``engine``; returns the finished launch."""
+    """Train ``config`` in one process (``engine=None``), two with DDP (``"ddp"``: ``torchrun``, no engine switch)
+    or two under ``engine``; returns the finished launch."""
     path = tmp_path / f"{Path(config['output_dir']).name}-{len(list(tmp_path.glob('*.json')))}.json"
     path.write_text(json.dumps(config))
     Path(config["output_dir"] + ".report").mkdir(exist_ok=True)
     if engine is None:
         command = [sys.executable, str(DRIVER), str(path)]
+    elif engine == "ddp":
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+        command = [torchrun, "--nproc_per_node", "2", "--master_port", free_port(), str(DRIVER), str(path)]
+        env = {"UNIALIGN_TEST_NO_SWITCH": "1", **env}
     else:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
         assert accelerate, "accelerate's launcher is not installed next to this Python"
@@ -367,14 +372,7 @@ def online_setup(tokenizer, tmp_path_factory):
     def ddp_run(method: str) -> Path:
         if method not in ddp:
             run = folder / f"ddp-{method}"
-            torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-            path = folder / f"ddp-{method}.json"
-            path.write_text(json.dumps(config(method, run, use_cpu=True)))
-            Path(str(run) + ".report").mkdir()
-            done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), str(DRIVER),
-                                   str(path)], env=environment(UNIALIGN_TEST_NO_SWITCH="1"), capture_output=True,
-                                  text=True, timeout=600)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+            launch("ddp", config(method, run, use_cpu=True), folder)
             ddp[method] = run
         return ddp[method]
 
