@@ -7,8 +7,9 @@ count, optimizer (fused ``torch.optim.AdamW``, the ``adamw_torch_fused`` both li
 ``TrainingArguments`` default to, same learning rate) and number of steps. One step is:
 collate → the trainer's ``training_step`` (forward, loss, backward) → optimizer step.
 
-Reported per row: the loss at step 0 (unialign and TRL must agree to ``tolerance``; a row whose
-losses disagree gets no speed-up, only a mark), seconds per step after warm-up, useful tokens per
+Reported per row: the loss at step 0 and a fingerprint of the step-0 gradients (unialign and TRL
+must agree to ``tolerance`` and ``gradient_tolerance``; a row that disagrees gets no speed-up, only a
+mark), seconds per step after warm-up, useful tokens per
 second (non-padding prompt + completion tokens of the plain layout, the same count for every
 library) by wall clock and by the process's CPU time (less disturbed by other jobs on a shared
 machine), the peak memory of a step, the process's peak RSS, and achieved FLOP/s,
@@ -84,6 +85,7 @@ class BenchConfig:
     lora: bool = False
     device: str = "auto"
     tolerance: float = 1e-4
+    gradient_tolerance: float = 1e-3  # relative gap of the step-0 gradient fingerprints (gradient_fingerprint)
     isolate: bool = True
     output_dir: str = "benchmarks/results"
     profile: bool = False
@@ -576,6 +578,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     b = cfg.batch_size
     peak_here = matmul_peak_flops(device, cfg.threads)  # under the same load as the steps that follow
     losses, times, cpu_times, useful, completions = [], [], [], 0, 0
+    fingerprint: dict[str, float] = {}
     fed = FedTokens(0, 0, 0)
     warmup_times = []  # kept apart: they include one-off costs (compilation with compile_layers)
     phases = {"collate": 0.0, "forward + backward": 0.0, "optimizer": 0.0}
@@ -600,6 +603,12 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         loss = trainer.training_step(model, batch)
         sync()
         stepped = time.perf_counter()
+        if step == 0:  # kept out of the step's wall and CPU time
+            cpu_before = time.process_time()
+            fingerprint = gradient_fingerprint(model)
+            spent = time.perf_counter() - stepped
+            start, collated, stepped = start + spent, collated + spent, stepped + spent
+            cpu_start += time.process_time() - cpu_before
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -633,6 +642,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     return row | {
         "loss_step0": losses[0],
         "losses": losses,
+        "gradient_fingerprint": fingerprint,
         "s_per_step": seconds / len(times),
         "warmup_s": warmup_times,
         "cpu_s_per_step": sum(cpu_times) / len(cpu_times),
@@ -654,6 +664,37 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "phase_shares": {name: value / seconds for name, value in phases.items()},
         "keeps_freed_memory": allocator.is_applied(),
     }
+
+
+def gradient_fingerprint(model) -> dict[str, float]:
+    """Each parameter's gradient projected on a fixed random ±1 vector, by parameter name.
+
+    The vector is seeded by the name, so two processes (two libraries) that computed the same
+    gradients get the same numbers, whatever layout, kernels or summation order produced them; a
+    wrong mask, position, token or loss weight changes them far beyond float32 rounding. Names are
+    taken without wrapper prefixes (``module.``, ``_orig_mod.``). Summed in float64.
+    """
+    import zlib
+
+    import torch
+
+    out = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        key = name.replace("_orig_mod.", "").removeprefix("module.")
+        signs = torch.randint(0, 2, param.shape, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
+        out[key] = float((param.grad.detach().cpu().double() * (2 * signs - 1)).sum())
+    return out
+
+
+def fingerprint_gap(mine: dict[str, float], theirs: dict[str, float]) -> float:
+    """Relative distance of two gradient fingerprints, ``‖a − b‖ / ‖b‖``; infinite when their parameters differ."""
+    if set(mine) != set(theirs):
+        return float("inf")
+    norm = sum(v * v for v in theirs.values()) ** 0.5
+    diff = sum((mine[k] - theirs[k]) ** 2 for k in theirs) ** 0.5
+    return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
 
 
 def _profiler_activities(device: str) -> list:
@@ -703,12 +744,15 @@ def _run_isolated(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]
     return {"method": method, "library": library, "error": " | ".join(tail) or f"exit code {result.returncode}"}
 
 
-def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float) -> list[dict[str, Any]]:
+def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float,
+              gradient_tolerance: float = 1e-3) -> list[dict[str, Any]]:
     """Add to each unialign row its comparison with TRL's row of the same method.
 
-    A speed-up (``speedup_tokens``, ``memory_ratio``) is reported only when both step-0 losses
-    (and, when recorded, both losses after the first update) agree to ``tolerance`` (relative to
-    ``max(1, |loss|)``); otherwise the row is marked ``loss_mismatch`` and the ratios are ``None``.
+    A speed-up (``speedup_tokens``, ``memory_ratio``) is reported only when both step-0 losses agree
+    to ``tolerance`` (relative to ``max(1, |loss|)``) and both step-0 gradients agree: their
+    fingerprints (:func:`gradient_fingerprint`) to ``gradient_tolerance`` relative. Rows recorded
+    before fingerprints existed compare the losses after the first update instead, to ``tolerance``.
+    Otherwise the row is marked ``loss_mismatch`` / ``gradient_mismatch`` and the ratios are ``None``.
     """
     trl = {r["method"]: r for r in rows if r["library"] == "trl" and "error" not in r}
     kept = {r["method"]: r for r in rows if r["library"] == "trl-kept-memory" and "error" not in r}
@@ -727,11 +771,22 @@ def summarize(rows: list[dict[str, Any]], peak_flops: float, tolerance: float) -
             continue
         gap = abs(row["loss_step0"] - other["loss_step0"])
         row["loss_gap"] = gap
-        # With the reference equal to the policy, DPO's and KTO's step-0 losses are constants (log 2, 0.5):
-        # the loss after one identical update also has to agree, which checks the gradients too.
+        limit = tolerance * max(1.0, abs(other["loss_step0"]))
         later = [abs(a - b) for a, b in zip(row["losses"][1:2], other["losses"][1:2])]
         row["loss_gap_step1"] = later[0] if later else None
-        if max([gap, *later]) > tolerance * max(1.0, abs(other["loss_step0"])):
+        if gap > limit:
+            row["vs_trl"] = "loss_mismatch"
+            continue
+        # With the reference equal to the policy, DPO's and KTO's step-0 losses are constants (log 2, 0.5)
+        # whatever the mask, positions or beta, so the gradients are what shows a wrong computation. The
+        # loss after one update is no substitute at length: a float32 sum of a thousand log-probs rounds
+        # differently in another order by more than the tolerance (docs/benchmarks.md).
+        if "gradient_fingerprint" in row and "gradient_fingerprint" in other:
+            row["gradient_gap"] = fingerprint_gap(row["gradient_fingerprint"], other["gradient_fingerprint"])
+            if row["gradient_gap"] > gradient_tolerance:
+                row["vs_trl"] = "gradient_mismatch"
+                continue
+        elif later and later[0] > limit:
             row["vs_trl"] = "loss_mismatch"
             continue
         row["vs_trl"] = "ok"
@@ -782,6 +837,21 @@ def num(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def check_cell(row: dict[str, Any]) -> str:
+    """The table's verdict on a row's agreement with TRL: what was compared, the gaps, whether a ratio is claimed."""
+    check = row.get("vs_trl", "reference" if is_trl(row["library"]) else "")
+    if check not in ("ok", "loss_mismatch", "gradient_mismatch"):
+        return check
+    gaps = f"loss gap {row['loss_gap']:.1e}"
+    if "gradient_gap" in row:
+        gaps += f", gradient gap {row['gradient_gap']:.1e}"
+    gaps += f", after 1 update {num(row.get('loss_gap_step1'), '.1e')}"
+    if check == "ok":
+        return f"ok ({gaps})"
+    what = "LOSS" if check == "loss_mismatch" else "GRADIENT"
+    return f"**{what} MISMATCH** ({gaps}): no speed-up claimed"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the rows."""
     head = ("| method | library | loss@0 | s/step | CPU s/step | useful tok/s | s/completion | step peak MiB "
@@ -792,11 +862,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['library']} | " + " | ".join(["–"] * 12) + f" | {r['error']} |")
             continue
-        check = r.get("vs_trl", "reference" if is_trl(r["library"]) else "")
-        if check == "loss_mismatch":
-            check = f"**LOSS MISMATCH** (gap {r['loss_gap']:.2e}): no speed-up claimed"
-        elif check == "ok":
-            check = f"ok (loss gap {r['loss_gap']:.1e}, after 1 step {num(r.get('loss_gap_step1'), '.1e')})"
+        check = check_cell(r)
         lines.append(
             f"| {r['method']} | {r['library']} | {r['loss_step0']:.6f} | {r['s_per_step']:.2f} | "
             f"{num(r.get('cpu_s_per_step'), '.2f')} | {r['useful_tokens_per_s']:.1f} | {r['s_per_completion']:.3f} | "
@@ -867,7 +933,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 runs[method, library].append(row)
                 print(_progress(row), file=sys.stderr, flush=True)
     rows = [median_runs(found) for found in runs.values()]
-    summarize(rows, peak, cfg.tolerance)
+    summarize(rows, peak, cfg.tolerance, cfg.gradient_tolerance)
     report = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": asdict(cfg),
@@ -938,6 +1004,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights (both)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     parser.add_argument("--tolerance", type=float, default=d.tolerance, help="step-0 loss agreement required")
+    parser.add_argument("--gradient-tolerance", type=float, default=d.gradient_tolerance,
+                        help="step-0 gradient agreement required (relative gap of the gradient fingerprints)")
     parser.add_argument("--output-dir", default=d.output_dir, help="a bench_<time>.json is written here")
     parser.add_argument("--in-process", action="store_true", help="no worker processes (peak RSS is then shared)")
     parser.add_argument("--repeat", type=int, default=d.repeat,
@@ -964,6 +1032,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         lora=args.lora,
         device=args.device,
         tolerance=args.tolerance,
+        gradient_tolerance=args.gradient_tolerance,
         isolate=not args.in_process,
         output_dir=args.output_dir,
         profile=args.profile,

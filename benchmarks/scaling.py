@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import add_debug_argument, run_cli
-from benchmarks.bench import BenchConfig, num, run_bench
+from benchmarks.bench import BenchConfig, check_cell, num, run_bench
 from unialign import jsonfile
 
 DPO_LENGTHS = (256, 1024, 2048, 4096)
@@ -197,12 +197,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['point']} | {r['method']} | {r['library']} | {shape} | " + " | ".join(["–"] * 10)
                          + f" | not measured: {r['error'].split(' (RuntimeError')[0]} |")
             continue
-        check = r.get("vs_trl", "reference" if r["library"].startswith("trl") else "")
-        after = num(r.get("loss_gap_step1"), ".1e")
-        if check == "ok":
-            check = f"ok (gap {r['loss_gap']:.1e}; after 1 update {after})"
-        elif check == "loss_mismatch":
-            check = f"**LOSS MISMATCH** (gap {r['loss_gap']:.1e}; after 1 update {after}): no speed-up claimed"
+        check = check_cell(r)
         lines.append(
             f"| {r['point']} | {r['method']} | {r['library']} | {shape} | {r['loss_step0']:.6f} | "
             f"{r['s_per_step']:.1f} | {r['useful_tokens_per_s']:.1f} | {r['s_per_completion']:.2f} | "

@@ -1,5 +1,6 @@
 """The benchmark harness on the tiny model: it runs both libraries, writes the JSON, and refuses to claim a
-speed-up when the step-0 losses disagree. No timings are asserted (speed is printed by benchmarks)."""
+speed-up when the step-0 losses or the step-0 gradients disagree. No timings are asserted (speed is printed by
+benchmarks)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from benchmarks.bench import (
     PeakMemory,
     build_parser,
     fed_tokens,
+    fingerprint_gap,
     format_profile,
     format_table,
     median_runs,
@@ -33,6 +35,7 @@ ROW_FIELDS = {
     "method", "library", "loss_step0", "losses", "s_per_step", "cpu_s_per_step", "useful_tokens_per_s",
     "useful_tokens_per_cpu_s", "matmul_peak_flops", "useful_tokens_per_step",
     "fed_tokens_per_step", "s_per_completion", "peak_step_mem_mb", "peak_rss_mb", "params", "flops_per_s", "mfu",
+    "gradient_fingerprint",
 }
 
 
@@ -84,13 +87,88 @@ def test_no_speedup_claimed_when_step0_losses_disagree(report):
     assert "LOSS MISMATCH" in line and "no speed-up claimed" in line
 
 
-def test_mismatch_after_the_first_update_is_also_refused(report):
+def test_records_without_gradient_fingerprints_compare_the_loss_after_the_first_update(report):
     rows = copy.deepcopy(report["rows"])
     for row in rows:
+        row.pop("gradient_fingerprint")
         if row["library"] == "unialign-prefix":
             row["losses"][1] += 0.5
     summarize(rows, report["matmul_peak_flops"], tolerance=1e-4)
     assert next(r for r in rows if r["library"] == "unialign-prefix")["vs_trl"] == "loss_mismatch"
+    assert next(r for r in rows if r["library"] == "unialign")["vs_trl"] == "ok"
+
+
+def test_gradient_fingerprints_are_per_parameter_and_agree_across_layouts(report):
+    rows = {r["library"]: r for r in report["rows"]}
+    trl, prefix = rows["trl"]["gradient_fingerprint"], rows["unialign-prefix"]["gradient_fingerprint"]
+    # the tiny Llama's 2 layers x 9 tensors + final norm + (tied) embedding, under the same names in both
+    assert len(trl) == 20 and set(trl) == set(prefix) and "model.embed_tokens.weight" in trl
+    assert all(v != 0.0 for v in trl.values())
+    for library in ("unialign", "unialign-prefix"):
+        assert rows[library]["gradient_gap"] < 1e-5
+        assert "gradient gap" in format_table(report["rows"])
+
+
+def test_fingerprint_gap_is_relative_and_infinite_for_other_parameters():
+    assert fingerprint_gap({"a": 3.0, "b": 4.0}, {"a": 3.0, "b": 4.0}) == 0.0
+    assert fingerprint_gap({"a": 3.0, "b": 4.5}, {"a": 3.0, "b": 4.0}) == pytest.approx(0.5 / 5.0)
+    assert fingerprint_gap({"a": 3.0}, {"a": 3.0, "b": 4.0}) == float("inf")
+
+
+@pytest.fixture(scope="module")
+def dpo_setting(tiny_model_dir, tmp_path_factory):
+    return BenchConfig(model=tiny_model_dir, methods=["dpo"], batch_size=2, steps=1, warmup=1, memory_steps=1,
+                       threads=1, isolate=False, output_dir=str(tmp_path_factory.mktemp("bench-dpo")),
+                       synthetic=True, prompt_length=24, completion_length=24, learning_rate=1e-3)
+
+
+def _with_trl(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
+    trl = run_bench(BenchConfig(**{**asdict(cfg), "libraries": ["trl"]}))["rows"]
+    return summarize(trl + [{k: v for k, v in r.items() if k != "vs_trl"} for r in rows], 1.0, 1e-4)
+
+
+def test_a_wrong_beta_passes_the_step0_loss_but_not_the_gradient_check(dpo_setting, monkeypatch):
+    import benchmarks.bench as bench
+
+    monkeypatch.setitem(bench.METHODS, "dpo", {**bench.METHODS["dpo"], "params": {"beta": 0.2}})
+    ours = run_bench(BenchConfig(**{**asdict(dpo_setting), "libraries": ["unialign-prefix"]}))["rows"]
+    monkeypatch.undo()
+    rows = _with_trl(dpo_setting, ours)
+    row = rows[-1]
+    assert row["loss_gap"] == 0.0  # log 2 whatever beta is: the step-0 loss cannot see it
+    assert row["gradient_gap"] == pytest.approx(1.0, rel=1e-3)  # twice the gradient
+    assert row["vs_trl"] == "gradient_mismatch" and row["speedup_tokens"] is None
+    line = next(x for x in format_table(rows).splitlines() if "| unialign-prefix |" in x)
+    assert "GRADIENT MISMATCH" in line and "no speed-up claimed" in line
+
+
+def test_a_completion_that_sees_its_own_future_fails_the_gradient_check(dpo_setting, monkeypatch):
+    import torch
+
+    import unialign.attention as attention
+
+    def leaky(seg, device):  # every query of a completion attends the whole completion: not causal
+        return torch.ones((seg.end - seg.start, seg.end - seg.key_start), dtype=torch.bool, device=device)
+
+    monkeypatch.setattr(attention, "_prefix_mask", leaky)
+    ours = run_bench(BenchConfig(**{**asdict(dpo_setting), "libraries": ["unialign-prefix"]}))["rows"]
+    monkeypatch.undo()
+    row = _with_trl(dpo_setting, ours)[-1]
+    assert row["loss_gap"] < 1e-6 and row["vs_trl"] == "gradient_mismatch" and row["gradient_gap"] > 1e-2
+
+
+def test_dpo_gradients_agree_with_trl_at_length(tiny_model_dir, tokenizer, tmp_path):
+    """At 1024 + 1024 tokens the summed log-probs are near -11,000, whose float32 rounding depends on the order
+    of the sum, so the loss after one update is no longer a gradient check; the fingerprints still agree."""
+    from tests.conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "long", tokenizer, max_position_embeddings=2048)
+    cfg = BenchConfig(model=model, methods=["dpo"], libraries=["trl", "unialign-prefix"], batch_size=1,
+                      steps=1, warmup=1, memory_steps=1, threads=1, isolate=False, output_dir=str(tmp_path),
+                      synthetic=True, prompt_length=1024, completion_length=1024, max_length=2048, learning_rate=1e-3)
+    row = run_bench(cfg)["rows"][-1]
+    assert row["library"] == "unialign-prefix" and row["loss_gap"] == 0.0
+    assert row["gradient_gap"] < 1e-5 and row["vs_trl"] == "ok"
 
 
 def test_methods_without_trl_say_so(tiny_model_dir, tmp_path):

@@ -427,12 +427,14 @@ def check_bench(setup: Setup, out_dir: Path) -> Check:
     else:
         cfg = BenchConfig(model=setup.model_dir, methods=["dpo"], libraries=["trl", "unialign", "unialign-prefix"],
                           batch_size=8, max_length=1024, steps=6, warmup=2, memory_steps=2, threads=8,
-                          dtype="bfloat16", device="cuda", tolerance=1e-3, output_dir=str(out_dir))
+                          dtype="bfloat16", device="cuda", tolerance=1e-3, output_dir=str(out_dir),
+                          gradient_tolerance=5e-2)  # bf16 keeps 8 mantissa bits: kernels' rounding reaches ~1e-2
     report = run_bench(cfg)
     rows = report["rows"]
-    ok = all("error" not in r for r in rows) and all(r.get("vs_trl", "ok") != "loss_mismatch" for r in rows)
+    ok = all("error" not in r for r in rows) and all(
+        r.get("vs_trl", "ok") not in ("loss_mismatch", "gradient_mismatch") for r in rows)
     keep = ("library", "loss_step0", "s_per_step", "useful_tokens_per_s", "peak_step_mem_mb", "speedup_tokens",
-            "memory_ratio", "vs_trl", "error", "useful_tokens_per_step")
+            "memory_ratio", "vs_trl", "gradient_gap", "error", "useful_tokens_per_step")
     values = {"rows": [{k: r[k] for k in keep if k in r} for r in rows], "table": report["table"],
               "config": asdict(cfg), "json": report.get("path")}
     measured = next((r for r in rows if "useful_tokens_per_step" in r), None)
