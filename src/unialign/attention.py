@@ -23,7 +23,7 @@ need nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ class SegmentPlan:
 
     rows: list[list[Segment]]
     masks: list[list[Tensor | None]]
+    _additive: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, rows: list[list[Segment]], device=None) -> SegmentPlan:
@@ -78,6 +79,22 @@ class SegmentPlan:
         """The same plan with its masks on ``device``."""
         masks = [[None if m is None else m.to(device, non_blocking=non_blocking) for m in row] for row in self.masks]
         return SegmentPlan(self.rows, masks)
+
+    def additive_masks(self, dtype: torch.dtype, device) -> list[list[Tensor | None]]:
+        """The masks as additive ``0 / -inf`` tensors of ``dtype`` on ``device``, made once and kept.
+
+        Every layer attends with the same masks. A boolean mask is converted by
+        ``scaled_dot_product_attention`` inside each call, and autograd keeps each layer's converted
+        copy for the backward pass (in float32 ``4 ×`` the mask's elements, per layer); one additive
+        mask shared by all layers is kept once.
+        """
+        key = (dtype, torch.device(device))
+        if key not in self._additive:
+            self._additive[key] = [
+                [None if m is None else torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(
+                    ~m.to(device), float("-inf")) for m in row]
+                for row in self.masks]
+        return self._additive[key]
 
     def mask_elements(self) -> int:
         """Elements in all masks together: linear in the row width (the test of "no W × W tensor")."""
@@ -123,7 +140,7 @@ def segment_attention_forward(
     # written in the (B, T, H, D) layout transformers expects, so no transposed copy of the whole output follows;
     # positions in no segment (row padding) read 0
     out = query.new_zeros((batch, width, heads, head_dim))
-    for row, (segments, masks) in enumerate(zip(plan.rows, plan.masks)):
+    for row, (segments, masks) in enumerate(zip(plan.rows, plan.additive_masks(query.dtype, query.device))):
         for seg, mask in zip(segments, masks):
             q = query[row : row + 1, :, seg.start : seg.end]
             if mask is None:
