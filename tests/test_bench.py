@@ -148,7 +148,8 @@ def test_a_completion_that_sees_its_own_future_fails_the_gradient_check(dpo_sett
     import unialign.attention as attention
 
     def leaky(seg, device):  # every query of a completion attends the whole completion: not causal
-        return torch.ones((seg.end - seg.start, seg.end - seg.key_start), dtype=torch.bool, device=device)
+        queries = seg.end - seg.start
+        return torch.ones((queries, seg.prefix_end - seg.key_start + queries), dtype=torch.bool, device=device)
 
     monkeypatch.setattr(attention, "_prefix_mask", leaky)
     ours = run_bench(BenchConfig(**{**asdict(dpo_setting), "libraries": ["unialign-prefix"]}))["rows"]

@@ -107,9 +107,8 @@ def test_segment_layout_by_hand():
     assert rows.seq_index.tolist() == [[-1, -1, -1, 0, 0, 1, 1, 1], [-1, -1, 2, 3, -1, -1, -1, -1]]
     assert rows.source_index[0].tolist() == [0, 0, 1, 2, 3, 2, 5, 6]  # 2nd completion predicted from the prompt's end
     assert rows.prompt_index.tolist() == [[-1, 0, 0, -1, -1, -1, -1, -1], [-1, 1, -1, -1, -1, -1, -1, -1]]
-    # the second completion sees the prompt (3 keys), not the first completion (2 keys), and itself causally
-    assert rows.plan.masks[0][1].int().tolist() == [[1, 1, 1, 0, 0, 1, 0, 0], [1, 1, 1, 0, 0, 1, 1, 0],
-                                                    [1, 1, 1, 0, 0, 1, 1, 1]]
+    # the second completion's keys are the prompt's (3) then its own (3, causally); the first completion is not in them
+    assert rows.plan.masks[0][1].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     assert rows.plan.masks[0][0] is None  # the prompt and first completion: plain causal, no mask
     flat = pack_segments(batch, prefix_sharing=True, padding_free=True)
     assert flat.input_ids.tolist() == [[1, 2, 3, 10, 11, 20, 21, 22, 1, 5, 30, 40]]
@@ -132,8 +131,8 @@ def test_segment_layout_holds_nothing_quadratic_in_the_row(prompt_length, num_sl
         value = getattr(rows, field.name)
         if isinstance(value, torch.Tensor):
             assert value.numel() == width, field.name
-    # completion k (k ≥ 2) masks C queries × (prompt + k·C) keys: linear in the prompt length
-    expected = sum(completion * (prompt_length + k * completion) for k in range(2, num_slots + 1))
+    # completion k (k ≥ 2) masks C queries × (prompt + C) keys: linear in the prompt length and in K
+    expected = (num_slots - 1) * completion * (prompt_length + completion)
     assert rows.plan.mask_elements() == expected
     assert expected < width * width // 4
 
