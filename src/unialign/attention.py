@@ -152,11 +152,45 @@ def segment_attention_forward(
             else:
                 # the shared prompt's keys joined to the segment's own: the completions packed between them are
                 # not computed at all (a key slice spanning them and a mask hiding them would compute them all)
-                k, v = (torch.cat([t[row : row + 1, :, seg.key_start : seg.prefix_end],
-                                   t[row : row + 1, :, seg.start : seg.end]], dim=2) for t in (key, value))
-                piece = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa)
+                parts = [t[row : row + 1, :, cols] for t in (key, value)
+                         for cols in (slice(seg.key_start, seg.prefix_end), slice(seg.start, seg.end))]
+                if query.device.type == "cpu" and not dropout:
+                    piece = _JoinedKeysAttention.apply(q, *parts, mask, scaling)
+                else:
+                    k, v = torch.cat(parts[:2], dim=2), torch.cat(parts[2:], dim=2)
+                    piece = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                           **gqa)
             out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
     return out, None
+
+
+class _JoinedKeysAttention(torch.autograd.Function):
+    """Attention of ``q`` over the prefix's keys joined to the segment's own, keeping no joined copy.
+
+    ``torch.cat`` of the keys (and values) before an ordinary SDPA call would have autograd keep the
+    joined copy of every later completion for backward: ``(P + C) × 2 × H_kv × D`` per completion per
+    layer, 1.4 GB over SmolLM2-135M at P = 4096, K = 8. Here the join lives only inside the forward and
+    the backward (made again there); what is kept is views of the row's own keys and values (kept
+    anyway), the output and the log-sum-exp. CPU only: it calls the CPU flash kernel's own ops.
+    """
+
+    @staticmethod
+    def forward(ctx, q, key_prefix, key_own, value_prefix, value_own, mask, scale):
+        k, v = torch.cat([key_prefix, key_own], dim=2), torch.cat([value_prefix, value_own], dim=2)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, key_prefix, key_own, value_prefix, value_own, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, key_prefix, key_own, value_prefix, value_own, out, lse, mask = ctx.saved_tensors
+        k, v = torch.cat([key_prefix, key_own], dim=2), torch.cat([value_prefix, value_own], dim=2)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
+        split = key_prefix.shape[2]
+        return dq, dk[:, :, :split], dk[:, :, split:], dv[:, :, :split], dv[:, :, split:], None, None
 
 
 # A packed forward passes this 4D stand-in as its attention mask: transformers returns a 4D mask as it is, so it
