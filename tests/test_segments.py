@@ -67,11 +67,15 @@ CASES = [  # (loss_type, prompt lengths (ragged: rows with padding), K, completi
 ]
 
 
+@pytest.mark.parametrize("joined_keys", ["cpu-function", "cat"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["rows", "padding-free"])
 @pytest.mark.parametrize("loss_type,prompt_lengths,num_slots,completion_length", CASES)
 def test_segment_layout_loss_logps_and_gradients_equal_plain(
-    policy, reference, tmp_path, loss_type, prompt_lengths, num_slots, completion_length, padding_free
+    policy, reference, tmp_path, loss_type, prompt_lengths, num_slots, completion_length, padding_free, joined_keys,
+    monkeypatch,
 ):
+    if joined_keys == "cat":  # the path other devices (and attention dropout) take: SDPA over torch.cat
+        monkeypatch.setattr("unialign.attention._HAS_CPU_FLASH_OPS", False)
     method = get_method(loss_type)
     batch = PreferenceCollator(0, num_slots, with_prompt_logps=method.needs_prompt_logps)(
         _rows(prompt_lengths, num_slots, completion_length)

@@ -154,7 +154,7 @@ def segment_attention_forward(
                 # not computed at all (a key slice spanning them and a mask hiding them would compute them all)
                 parts = [t[row : row + 1, :, cols] for t in (key, value)
                          for cols in (slice(seg.key_start, seg.prefix_end), slice(seg.start, seg.end))]
-                if query.device.type == "cpu" and not dropout:
+                if query.device.type == "cpu" and not dropout and _HAS_CPU_FLASH_OPS:
                     piece = _JoinedKeysAttention.apply(q, *parts, mask, scaling)
                 else:
                     k, v = torch.cat(parts[:2], dim=2), torch.cat(parts[2:], dim=2)
@@ -162,6 +162,9 @@ def segment_attention_forward(
                                                            **gqa)
             out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
     return out, None
+
+
+_HAS_CPU_FLASH_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 class _JoinedKeysAttention(torch.autograd.Function):
