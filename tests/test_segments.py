@@ -268,45 +268,38 @@ def test_build_layout_makes_the_layout_the_trainer_then_uses(policy, tmp_path, p
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3)])
-def test_joined_keys_equal_sdpa_over_the_joined_copy_and_keep_no_copy(heads, kv_heads):
-    """A completion after a shared prompt attends the prompt's keys joined to its own: the CPU autograd
-    function gives SDPA-over-``torch.cat`` to the bit (output and every gradient, grouped heads too)
-    while keeping only views of the row's own keys and values for backward, never the joined copy."""
-    from unialign.attention import _JoinedKeysAttention, _prefix_mask
+def test_cpu_segment_attention_equals_sdpa_calls_and_keeps_only_the_layers_own_tensors(heads, kv_heads, monkeypatch):
+    """On CPU one autograd function runs a layer's segments over the flash kernel's own ops: the same output
+    and gradients as one SDPA call per segment (grouped heads too), while keeping for backward only the
+    layer's query, key and value, the one output and per-segment log-sum-exps: no per-call output, no joined
+    copy of a prompt's keys."""
+    import unialign.attention as attention
 
-    torch.manual_seed(0)
-    prompt, gap, own, dim = 24, 10, 7, 8
-    seg = Segment(0, prompt, prompt + gap, prompt + gap + own)
-    mask = _prefix_mask(seg, None)
-    assert mask.shape == (own, prompt + own) and mask[:, :prompt].all() and not mask[0, prompt + 1]
-    additive = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
-    width = prompt + gap + own
+    prompt, own, dim = 24, 7, 8
+    rows = [[Segment(0, 0, 0, prompt + own), Segment(0, prompt, prompt + own, prompt + 2 * own),
+             Segment(0, prompt, prompt + 2 * own, prompt + 3 * own)],
+            [Segment(0, 0, 0, 9), Segment(9, 9, 9, 20)]]  # a padding-free row: two sequences, then padding
+    plan = SegmentPlan.build(rows)
+    assert plan.masks[0][2].shape == (own, prompt + own)  # the prompt's keys and its own, not the completion between
+    width = prompt + 3 * own + 2
+    module = torch.nn.Module()
 
-    def inputs():
+    def run():
         torch.manual_seed(1)
-        q = torch.randn(1, heads, own, dim, requires_grad=True)
-        kv = [torch.randn(1, kv_heads, width, dim, requires_grad=True) for _ in range(2)]
-        return q, kv
+        leaves = [torch.randn(2, n, width, dim, requires_grad=True) for n in (heads, kv_heads, kv_heads)]
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out, _ = attention.segment_attention_forward(module, *leaves, None, unialign_segments=plan)
+        out.backward(torch.ones_like(out))
+        return out, [t.grad for t in leaves], leaves, kept
 
-    def parts(kv):
-        return [t[:, :, cols] for t in kv for cols in (slice(0, prompt), slice(prompt + gap, width))]
-
-    q1, kv1 = inputs()
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        out1 = _JoinedKeysAttention.apply(q1, *parts(kv1), additive, None)
-    q2, kv2 = inputs()
-    p = parts(kv2)
-    out2 = torch.nn.functional.scaled_dot_product_attention(
-        q2, torch.cat(p[:2], dim=2), torch.cat(p[2:], dim=2), attn_mask=additive, enable_gqa=heads != kv_heads)
-    grad = torch.randn_like(out1)
-    out1.backward(grad)
-    out2.backward(grad)
-    assert torch.equal(out1, out2) and torch.equal(q1.grad, q2.grad)
-    assert all(torch.equal(a.grad, b.grad) for a, b in zip(kv1, kv2))
-    assert kv1[0].grad[:, :, prompt : prompt + gap].abs().sum() == 0  # the completions in between get nothing
-    joined = {t.untyped_storage().data_ptr() for t in kept if t.dim() == 4 and t.shape[2] == prompt + own}
-    assert joined == set()  # no (…, prompt + own, …) key or value tensor is kept for backward
-    own_storages = {t.untyped_storage().data_ptr() for t in (q1, *kv1)}
-    assert {t.untyped_storage().data_ptr() for t in kept if t.dim() == 4 and t.shape[-1] == dim} <= own_storages | {
-        out1.untyped_storage().data_ptr()}
+    fast, fast_grads, leaves, kept = run()
+    monkeypatch.setattr(attention, "_HAS_CPU_FLASH_OPS", False)
+    slow, slow_grads, _, slow_kept = run()
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert fast[1, 20:].abs().sum() == 0 and fast_grads[0][1, :, 20:].abs().sum() == 0  # padding: nothing
+    big = {t.untyped_storage().data_ptr() for t in kept if t.dim() == 4}
+    assert big == {t.untyped_storage().data_ptr() for t in (*leaves, fast)}
+    assert len({t.untyped_storage().data_ptr() for t in slow_kept if t.dim() == 4}) > len(big)  # what it saves

@@ -130,6 +130,10 @@ def segment_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    masks = plan.additive_masks(query.dtype, query.device)
+    dropout = dropout if module.training else 0.0
+    if query.device.type == "cpu" and not dropout and _HAS_CPU_FLASH_OPS:
+        return _SegmentAttentionCPU.apply(query, key, value, plan.rows, masks, scaling), None
     batch, heads, width, head_dim = query.shape
     grouped = heads != key.shape[1]  # grouped-query attention: each key/value head serves several query heads
     # PyTorch's CPU flash kernel takes grouped heads with or without a mask; CUDA's fused kernels only without one
@@ -138,62 +142,81 @@ def segment_attention_forward(
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
         value = value.repeat_interleave(heads // value.shape[1], dim=1)
     gqa = {"enable_gqa": True} if grouped and not repeat else {}
-    dropout = dropout if module.training else 0.0
     # written in the (B, T, H, D) layout transformers expects, so no transposed copy of the whole output follows;
     # positions in no segment (row padding) read 0
     out = query.new_zeros((batch, width, heads, head_dim))
-    for row, (segments, masks) in enumerate(zip(plan.rows, plan.additive_masks(query.dtype, query.device))):
-        for seg, mask in zip(segments, masks):
+    for row, (segments, row_masks) in enumerate(zip(plan.rows, masks)):
+        for seg, mask in zip(segments, row_masks):
             q = query[row : row + 1, :, seg.start : seg.end]
-            if mask is None:
-                keys = slice(seg.start, seg.end)
-                k, v = key[row : row + 1, :, keys], value[row : row + 1, :, keys]
-                piece = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **gqa)
-            else:
-                # the shared prompt's keys joined to the segment's own: the completions packed between them are
-                # not computed at all (a key slice spanning them and a mask hiding them would compute them all)
-                parts = [t[row : row + 1, :, cols] for t in (key, value)
-                         for cols in (slice(seg.key_start, seg.prefix_end), slice(seg.start, seg.end))]
-                if query.device.type == "cpu" and not dropout and _HAS_CPU_FLASH_OPS:
-                    piece = _JoinedKeysAttention.apply(q, *parts, mask, scaling)
-                else:
-                    k, v = torch.cat(parts[:2], dim=2), torch.cat(parts[2:], dim=2)
-                    piece = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                           **gqa)
+            k, v = _segment_keys(key, value, row, seg)
+            piece = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                                   scale=scaling, **gqa)
             out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
     return out, None
+
+
+def _segment_keys(key: Tensor, value: Tensor, row: int, seg: Segment) -> tuple[Tensor, Tensor]:
+    """The keys and values ``seg``'s queries attend: its own slice, or after a shared prompt the prompt's
+    joined to its own (the completions packed between them are not computed at all; a key slice spanning
+    them with a mask hiding them would have the kernel score them all, work quadratic in K)."""
+    own = slice(seg.start, seg.end)
+    if not seg.has_prefix:
+        return key[row : row + 1, :, own], value[row : row + 1, :, own]
+    prefix = slice(seg.key_start, seg.prefix_end)
+    return tuple(torch.cat([t[row : row + 1, :, prefix], t[row : row + 1, :, own]], dim=2) for t in (key, value))
 
 
 _HAS_CPU_FLASH_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-class _JoinedKeysAttention(torch.autograd.Function):
-    """Attention of ``q`` over the prefix's keys joined to the segment's own, keeping no joined copy.
+class _SegmentAttentionCPU(torch.autograd.Function):
+    """A layer's segment attention on CPU, keeping for backward only what it cannot do without.
 
-    ``torch.cat`` of the keys (and values) before an ordinary SDPA call would have autograd keep the
-    joined copy of every later completion for backward: ``(P + C) × 2 × H_kv × D`` per completion per
-    layer, 1.4 GB over SmolLM2-135M at P = 4096, K = 8. Here the join lives only inside the forward and
-    the backward (made again there); what is kept is views of the row's own keys and values (kept
-    anyway), the output and the log-sum-exp. CPU only: it calls the CPU flash kernel's own ops.
+    Through ``scaled_dot_product_attention`` autograd would keep, per segment, the call's output (its
+    backward needs it) besides the assembled output ``o_proj`` reads — one ``W × hidden`` tensor more
+    per layer than one call over the row — and, after a shared prompt, the joined copy of the keys and
+    values, ``(P + C) × 2 × H_kv × D`` per completion (1.4 GB over SmolLM2-135M at P = 4096, K = 8).
+    Here each segment runs the CPU flash kernel's own forward op and writes into the one output, and
+    backward makes the joined keys again and runs the kernel's backward op per segment with that
+    output's slice: kept are the layer's query, key and value (kept anyway), the output (which
+    ``o_proj`` keeps anyway) and each segment's log-sum-exp.
     """
 
     @staticmethod
-    def forward(ctx, q, key_prefix, key_own, value_prefix, value_own, mask, scale):
-        k, v = torch.cat([key_prefix, key_own], dim=2), torch.cat([value_prefix, value_own], dim=2)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, key_prefix, key_own, value_prefix, value_own, out, lse, mask)
-        ctx.scale = scale
+    def forward(ctx, query, key, value, rows, masks, scale):
+        batch, heads, width, head_dim = query.shape
+        out = query.new_zeros((batch, width, heads, head_dim))
+        lses = []
+        for row, (segments, row_masks) in enumerate(zip(rows, masks)):
+            for seg, mask in zip(segments, row_masks):
+                k, v = _segment_keys(key, value, row, seg)
+                piece, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    query[row : row + 1, :, seg.start : seg.end], k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+                out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
+                lses.append(lse)
+        ctx.save_for_backward(query, key, value, out, *lses)
+        ctx.rows, ctx.masks, ctx.scale = rows, masks, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, key_prefix, key_own, value_prefix, value_own, out, lse, mask = ctx.saved_tensors
-        k, v = torch.cat([key_prefix, key_own], dim=2), torch.cat([value_prefix, value_own], dim=2)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
-        split = key_prefix.shape[2]
-        return dq, dk[:, :, :split], dk[:, :, split:], dv[:, :, :split], dv[:, :, split:], None, None
+        query, key, value, out, *lses = ctx.saved_tensors
+        grads = [torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)]
+        lse = iter(lses)
+        for row, (segments, row_masks) in enumerate(zip(ctx.rows, ctx.masks)):
+            for seg, mask in zip(segments, row_masks):
+                own = slice(seg.start, seg.end)
+                k, v = _segment_keys(key, value, row, seg)
+                dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad_out[row : row + 1, own].transpose(1, 2).contiguous(),
+                    query[row : row + 1, :, own], k, v, out[row : row + 1, own].transpose(1, 2).contiguous(),
+                    next(lse), 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
+                grads[0][row : row + 1, :, own] = dq
+                split = seg.prefix_end - seg.key_start  # dk, dv: the prefix's keys first when there is one
+                for total, part in ((grads[1], dk), (grads[2], dv)):
+                    total[row : row + 1, :, seg.key_start : seg.prefix_end] += part[:, :, :split]
+                    total[row : row + 1, :, own] += part[:, :, split:]
+        return *grads, None, None, None
 
 
 # A packed forward passes this 4D stand-in as its attention mask: transformers returns a 4D mask as it is, so it
