@@ -143,15 +143,14 @@ def test_a_wrong_beta_passes_the_step0_loss_but_not_the_gradient_check(dpo_setti
 
 
 def test_a_completion_that_sees_its_own_future_fails_the_gradient_check(dpo_setting, monkeypatch):
-    import torch
-
     import unialign.attention as attention
 
-    def leaky(seg, device):  # every query of a completion attends the whole completion: not causal
-        queries = seg.end - seg.start
-        return torch.ones((queries, seg.prefix_end - seg.key_start + queries), dtype=torch.bool, device=device)
+    parts = attention._key_parts
 
-    monkeypatch.setattr(attention, "_prefix_mask", leaky)
+    def leaky(seg):  # a completion after the shared prompt attends its own completion whole: not causal
+        return [(cols, causal and not seg.has_prefix) for cols, causal in parts(seg)]
+
+    monkeypatch.setattr(attention, "_key_parts", leaky)
     ours = run_bench(BenchConfig(**{**asdict(dpo_setting), "libraries": ["unialign-prefix"]}))["rows"]
     monkeypatch.undo()
     row = _with_trl(dpo_setting, ours)[-1]

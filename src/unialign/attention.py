@@ -130,10 +130,10 @@ def segment_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    masks = plan.additive_masks(query.dtype, query.device)
     dropout = dropout if module.training else 0.0
     if query.device.type == "cpu" and not dropout and _HAS_CPU_FLASH_OPS:
-        return _SegmentAttentionCPU.apply(query, key, value, plan.rows, masks, scaling), None
+        return _SegmentAttentionCPU.apply(query, key, value, plan.rows, scaling), None
+    masks = plan.additive_masks(query.dtype, query.device)
     batch, heads, width, head_dim = query.shape
     grouped = heads != key.shape[1]  # grouped-query attention: each key/value head serves several query heads
     # PyTorch's CPU flash kernel takes grouped heads with or without a mask; CUDA's fused kernels only without one
@@ -169,6 +169,18 @@ def _segment_keys(key: Tensor, value: Tensor, row: int, seg: Segment) -> tuple[T
 _HAS_CPU_FLASH_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
+def _key_parts(seg: Segment) -> list[tuple[slice, bool]]:
+    """The key ranges ``seg``'s queries attend, each with whether it is causal: its own (causal), after the
+    shared prompt's (all of it) when there is one. No mask is needed for either."""
+    own = (slice(seg.start, seg.end), True)
+    return [(slice(seg.key_start, seg.prefix_end), False), own] if seg.has_prefix else [own]
+
+
+def _flash(q: Tensor, key: Tensor, value: Tensor, row: int, cols: slice, causal: bool, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, key[row : row + 1, :, cols], value[row : row + 1, :, cols], 0.0, causal, scale=scale)
+
+
 class _SegmentAttentionCPU(torch.autograd.Function):
     """A layer's segment attention on CPU, keeping for backward only what it cannot do without.
 
@@ -176,26 +188,34 @@ class _SegmentAttentionCPU(torch.autograd.Function):
     backward needs it) besides the assembled output ``o_proj`` reads — one ``W × hidden`` tensor more
     per layer than one call over the row — and, after a shared prompt, the joined copy of the keys and
     values, ``(P + C) × 2 × H_kv × D`` per completion (1.4 GB over SmolLM2-135M at P = 4096, K = 8).
-    Here each segment runs the CPU flash kernel's own forward op and writes into the one output, and
-    backward makes the joined keys again and runs the kernel's backward op per segment with that
-    output's slice: kept are the layer's query, key and value (kept anyway), the output (which
-    ``o_proj`` keeps anyway) and each segment's log-sum-exp.
+    Here each segment runs the CPU flash kernel's own forward op and writes into the one output; a
+    completion after a shared prompt runs it twice, over the prompt's keys (no mask) and over its own
+    (``is_causal``, so the kernel skips the upper triangle a mask would have it compute), merged by
+    their log-sum-exps. Backward runs the kernel's backward op per part with the merged output's slice
+    and log-sum-exp. Kept are the layer's query, key and value (kept anyway), the output (which
+    ``o_proj`` keeps anyway) and each segment's log-sum-exp; no mask is used at all.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, rows, masks, scale):
+    def forward(ctx, query, key, value, rows, scale):
         batch, heads, width, head_dim = query.shape
         out = query.new_zeros((batch, width, heads, head_dim))
         lses = []
-        for row, (segments, row_masks) in enumerate(zip(rows, masks)):
-            for seg, mask in zip(segments, row_masks):
-                k, v = _segment_keys(key, value, row, seg)
-                piece, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    query[row : row + 1, :, seg.start : seg.end], k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+        for row, segments in enumerate(rows):
+            for seg in segments:
+                q = query[row : row + 1, :, seg.start : seg.end]
+                parts = [_flash(q, key, value, row, cols, causal, scale) for cols, causal in _key_parts(seg)]
+                if len(parts) == 1:
+                    piece, lse = parts[0]
+                else:  # softmax over both key sets = the two partial softmaxes weighted by their log-sum-exps
+                    (prompt_out, prompt_lse), (own_out, own_lse) = parts
+                    lse = torch.logaddexp(prompt_lse, own_lse)
+                    piece = (prompt_out.float() * (prompt_lse - lse).exp().unsqueeze(-1)
+                             + own_out.float() * (own_lse - lse).exp().unsqueeze(-1)).to(query.dtype)
                 out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
                 lses.append(lse)
         ctx.save_for_backward(query, key, value, out, *lses)
-        ctx.rows, ctx.masks, ctx.scale = rows, masks, scale
+        ctx.rows, ctx.scale = rows, scale
         return out
 
     @staticmethod
@@ -203,20 +223,21 @@ class _SegmentAttentionCPU(torch.autograd.Function):
         query, key, value, out, *lses = ctx.saved_tensors
         grads = [torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)]
         lse = iter(lses)
-        for row, (segments, row_masks) in enumerate(zip(ctx.rows, ctx.masks)):
-            for seg, mask in zip(segments, row_masks):
+        for row, segments in enumerate(ctx.rows):
+            for seg in segments:
                 own = slice(seg.start, seg.end)
-                k, v = _segment_keys(key, value, row, seg)
-                dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_out[row : row + 1, own].transpose(1, 2).contiguous(),
-                    query[row : row + 1, :, own], k, v, out[row : row + 1, own].transpose(1, 2).contiguous(),
-                    next(lse), 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
-                grads[0][row : row + 1, :, own] = dq
-                split = seg.prefix_end - seg.key_start  # dk, dv: the prefix's keys first when there is one
-                for total, part in ((grads[1], dk), (grads[2], dv)):
-                    total[row : row + 1, :, seg.key_start : seg.prefix_end] += part[:, :, :split]
-                    total[row : row + 1, :, own] += part[:, :, split:]
-        return *grads, None, None, None
+                grad, done = (t[row : row + 1, own].transpose(1, 2).contiguous() for t in (grad_out, out))
+                seg_lse = next(lse)
+                for cols, causal in _key_parts(seg):
+                    # each part's backward with the whole softmax's output and log-sum-exp gives that part's
+                    # share of the gradients exactly (the kernel's row term dO·O and probabilities use them)
+                    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        grad, query[row : row + 1, :, own], key[row : row + 1, :, cols], value[row : row + 1, :, cols],
+                        done, seg_lse, 0.0, causal, scale=ctx.scale)
+                    grads[0][row : row + 1, :, own] += dq
+                    grads[1][row : row + 1, :, cols] += dk
+                    grads[2][row : row + 1, :, cols] += dv
+        return *grads, None, None
 
 
 # A packed forward passes this 4D stand-in as its attention mask: transformers returns a 4D mask as it is, so it
