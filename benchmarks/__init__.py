@@ -23,6 +23,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def source_commit() -> str | None:
+    """The checkout's commit, with ``+changes`` when tracked files under ``src/`` or ``benchmarks/`` differ from it.
+
+    Written into measurement records, so a table built from records made over several commits can say
+    which code each row measured. None outside a git checkout.
+    """
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src", "benchmarks"],
+                               capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment for a worker process: this one's, with the repository root first on ``PYTHONPATH``.
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import add_debug_argument, run_cli, worker_env
+from benchmarks import add_debug_argument, run_cli, source_commit, worker_env
 from unialign import jsonfile
 
 # method → (bundled data, hyperparameters shared by both libraries, how TRL runs it or None)
@@ -885,6 +885,7 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": device,
+        "commit": source_commit(),
     }
     try:
         import trl

@@ -269,6 +269,14 @@ def summary_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def measured_at(reports: dict[str, dict[str, Any]]) -> str:
+    """Which commit measured which points (records from before commits were written read "not recorded")."""
+    by_commit: dict[str, list[str]] = {}
+    for name, report in reports.items():
+        by_commit.setdefault(report.get("machine", {}).get("commit") or "not recorded", []).append(name)
+    return "measured at: " + "; ".join(f"{commit}: {', '.join(names)}" for commit, names in by_commit.items())
+
+
 def run_scaling_cli(args: argparse.Namespace) -> int:
     """``python -m benchmarks.scaling``: run (or resume) the sweep, then print and write its results."""
     points = default_points(quick=args.quick)
@@ -285,9 +293,10 @@ def run_scaling_cli(args: argparse.Namespace) -> int:
     run_points(points, base, out, lock=args.lock, log=lambda m: print(m, file=sys.stderr, flush=True))
     # The table, exponents and figure cover every finished point, not only those this call ran (--only).
     every = default_points(quick=args.quick)
-    rows = curve_rows(finished_reports(every, out), every)
+    reports = finished_reports(every, out)
+    rows = curve_rows(reports, every)
     table = scaling_table(rows)
-    text = summary_text(rows)
+    text = summary_text(rows) + "\n" + measured_at(reports)
     (out / "scaling_table.md").write_text(table + "\n\n" + text + "\n", encoding="utf-8")
     print(table)
     print(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 
 import pytest
 
@@ -19,6 +20,7 @@ from benchmarks.scaling import (
     finished_reports,
     fit_exponent,
     main,
+    measured_at,
     point_config,
     run_points,
     scaling_table,
@@ -136,3 +138,13 @@ def test_the_report_covers_every_finished_point_not_only_those_just_run(swept):
     found = finished_reports([point, other, missing], out)
     assert sorted(found) == ["dpo_len32", "rao_k3"]
     assert found["dpo_len32"] == json.loads((out / "dpo_len32.json").read_text(encoding="utf-8"))
+
+
+def test_each_point_records_the_commit_that_measured_it(swept):
+    out, _, _, reports = swept
+    commit = reports["dpo_len32"]["machine"]["commit"]
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (commit is None) if not head else commit.split("+")[0] == head  # None outside a git checkout
+    older = {"rows": [], "point": {"name": "rao_k3"}}  # a record from before commits were written
+    assert measured_at({"dpo_len32": reports["dpo_len32"], "rao_k3": older}) == (
+        f"measured at: {commit}: dpo_len32; not recorded: rao_k3")
