@@ -7,15 +7,17 @@ completions that share it (``prefix_sharing``), or both. The dense way to keep t
 segment over the slices it may see:
 
 * a sequence or a prompt: its own queries and keys, ``is_causal`` (no mask at all);
-* a completion after a shared prompt: its queries against the prompt's keys joined to its own keys,
-  with a small boolean mask (``C × (P + C)``, one per completion: all of the prompt, causally itself);
-  the other completions packed between the prompt and it are left out of the call, not masked.
+* a completion after a shared prompt: its queries against the prompt's keys and its own, never the
+  other completions packed between them (a key slice spanning those with a mask hiding them would
+  have the kernel score them all: work quadratic in K).
 
-Nothing of size ``W × W`` is ever built. A completion's keys and values are the prompt's and its
-own, joined: one copy of the prompt's keys and values per completion after the first (linear in the
-row), in exchange for not scoring the completions in between (work quadratic in K: at K = 16 the
-attention of a layer takes half the time). The same calls run on a GPU, where PyTorch picks its
-fused kernels per call.
+On CPU a layer's segments run in one autograd function over the CPU flash kernel's own forward and
+backward ops (:class:`_SegmentAttentionCPU`): a completion after a shared prompt is two unmasked calls,
+over the prompt's keys and over its own (``is_causal``), merged by their log-sum-exps; every segment
+writes into the one output; backward keeps only the layer's query, key and value, that output and a
+log-sum-exp per segment. Elsewhere (a GPU, attention dropout) each segment is one SDPA call, over the
+prompt's keys joined to its own with a small ``C × (P + C)`` mask, where PyTorch picks its fused
+kernels per call. Nothing of size ``W × W`` is built on either path.
 
 The function is registered with transformers' ``AttentionInterface`` as ``unialign_sdpa``; a model
 switched to it (:func:`use_segment_attention`) behaves exactly as under ``sdpa`` unless a forward
