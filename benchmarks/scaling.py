@@ -35,6 +35,7 @@ from unialign import jsonfile
 
 DPO_LENGTHS = (256, 1024, 2048, 4096)
 RAO_KS = (2, 4, 8, 16)
+OTHER_LENGTHS = (1024, 2048)  # RAO, TPO and KTO against length (half prompt, half completion)
 FIT_RANGE = (1024, 4096)
 
 
@@ -82,6 +83,11 @@ def default_points(quick: bool = False) -> list[Point]:
     pair = (24, 16) if quick else (600, 400)
     points.append(Point(f"pairs_dpo{sum(pair)}", "dpo", ["trl", "unialign-prefix"], *pair, x=sum(pair),
                         overrides={"batch_size": 2, "warmup": 1, "steps": 3}))
+    # step memory against length for the other layouts (listwise K = 4, triples, KTO's pairs with KL completions):
+    # unialign only, since the question is how its memory grows, and TRL has no RAO
+    for method in ("rao", "tpo", "kto"):
+        points += [Point(f"{method}_len{n}", method, ["unialign-prefix"], n // 2, n // 2, x=n)
+                   for n in ((32, 64) if quick else OTHER_LENGTHS)]
     return points
 
 
@@ -166,18 +172,21 @@ def curve_rows(reports: dict[str, dict[str, Any]], points: list[Point]) -> list[
 
 
 def exponents(rows: list[dict[str, Any]], fit_range: tuple[float, float] = FIT_RANGE) -> dict[str, float | None]:
-    """Growth exponents of useful tokens/s and step peak memory: DPO per library vs total length in ``fit_range``,
-    RAO vs K (every K), keyed ``"<method> <library> <quantity> vs <length|K>"``."""
+    """Growth exponents of useful tokens/s and step peak memory: each method and library vs total length
+    (``<method>_len<n>`` points) in ``fit_range``, and RAO vs K (every ``rao_k`` point), keyed
+    ``"<method> <library> <quantity> vs <length|K>"``."""
     out: dict[str, float | None] = {}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        if "error" in row or not row["point"].startswith(("dpo_len", "rao_k")):
+        if "error" in row:
             continue
-        groups.setdefault((row["method"], row["library"]), []).append(row)
-    for (method, library), found in sorted(groups.items()):
-        if method == "dpo":
+        axis = "length" if row["point"].startswith(f"{row['method']}_len") else (
+            "K" if row["point"].startswith("rao_k") else None)
+        if axis:
+            groups.setdefault((row["method"], row["library"], axis), []).append(row)
+    for (method, library, axis), found in sorted(groups.items()):
+        if axis == "length":
             found = [r for r in found if fit_range[0] <= r["x"] <= fit_range[1]]
-        axis = "length" if method == "dpo" else "K"
         xs = [r["x"] for r in found]
         out[f"{method} {library} tokens/s vs {axis}"] = fit_exponent(xs, [r["useful_tokens_per_s"] for r in found])
         out[f"{method} {library} step memory vs {axis}"] = fit_exponent(xs, [r["peak_step_mem_mb"] for r in found])

@@ -55,6 +55,9 @@ def test_exponents_fit_dpo_over_1024_to_4096_and_rao_over_every_k():
     assert fitted["rao unialign-prefix tokens/s vs K"] == pytest.approx(0.25, abs=1e-12)
     assert fitted["rao unialign-prefix step memory vs K"] == pytest.approx(1.0, abs=1e-12)
     assert "dpo unialign-prefix tokens/s vs length" not in fitted  # its only point failed
+    rows += [_row(f"tpo_len{n}", "unialign-prefix", n, 5.0, 3.0 * n**1.5, method="tpo") for n in (1024, 2048)]
+    assert exponents(rows)["tpo unialign-prefix step memory vs length"] == pytest.approx(1.5, abs=1e-12)
+    assert "rao unialign-prefix step memory vs length" not in exponents(rows)  # rao_k points are the K axis only
 
 
 def test_the_sweep_covers_the_issues_lengths_and_ks():
@@ -65,6 +68,8 @@ def test_the_sweep_covers_the_issues_lengths_and_ks():
     assert points["dpo_len2048"].libraries == ["trl", "trl-kept-memory", "unialign-prefix"]
     assert list(points)[:4] == ["dpo_len2048", "dpo_len256", "dpo_len1024", "dpo_len4096"]
     assert points["dpo_len4096"].overrides == {"steps": 1} and points["profile_dpo2048"].overrides["profile"]
+    assert [(points[f"{m}_len{n}"].prompt_length, points[f"{m}_len{n}"].libraries) for m in ("rao", "tpo", "kto")
+            for n in (1024, 2048)] == [(n // 2, ["unialign-prefix"]) for _ in range(3) for n in (1024, 2048)]
     cfg = point_config(points["rao_k8"], BenchConfig(batch_size=1))
     assert (cfg.synthetic, cfg.methods, cfg.completions, cfg.max_length) == (True, ["rao"], 8, 1280)
 
