@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def source_commit() -> str | None:
-    """The checkout's commit, with ``+changes`` when tracked files under ``src/`` or ``benchmarks/`` differ from it.
+    """The checkout's commit, with ``+changes`` when tracked Python files under ``src/`` or ``benchmarks/`` differ.
 
     Written into measurement records, so a table built from records made over several commits can say
     which code each row measured. None outside a git checkout.
@@ -32,7 +32,8 @@ def source_commit() -> str | None:
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=7", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src", "benchmarks"],
+        code = [":(glob)src/**/*.py", ":(glob)benchmarks/**/*.py"]  # records and docs changing do not count
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", *code],
                                capture_output=True).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
