@@ -303,3 +303,27 @@ def test_cpu_segment_attention_equals_sdpa_calls_and_keeps_only_the_layers_own_t
     big = {t.untyped_storage().data_ptr() for t in kept if t.dim() == 4}
     assert big == {t.untyped_storage().data_ptr() for t in (*leaves, fast)}
     assert len({t.untyped_storage().data_ptr() for t in slow_kept if t.dim() == 4}) > len(big)  # what it saves
+
+
+def test_cpu_segment_attention_under_bf16_autocast_takes_mixed_dtypes_as_sdpa_does(monkeypatch):
+    """Under CPU autocast, RoPE can leave query and key in float32 while value is bf16 (transformers' bf16
+    mixed precision); the CPU function casts as autocast casts an SDPA call, and matches that call."""
+    import unialign.attention as attention
+
+    plan = SegmentPlan.build([[Segment(0, 0, 0, 20), Segment(0, 12, 20, 28)]])
+
+    def run():
+        torch.manual_seed(2)
+        q, k = torch.randn(1, 4, 28, 8, requires_grad=True), torch.randn(1, 2, 28, 8, requires_grad=True)
+        v = torch.randn(1, 2, 28, 8, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.segment_attention_forward(torch.nn.Module(), q, k, v, None, unialign_segments=plan)
+        out.float().sum().backward()
+        return out, q.grad
+
+    fast, fast_grad = run()
+    monkeypatch.setattr(attention, "_HAS_CPU_FLASH_OPS", False)
+    slow, slow_grad = run()
+    assert fast.dtype == torch.bfloat16  # autocast's dtype (the SDPA path writes its bf16 pieces into float32)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast_grad, slow_grad, atol=5e-2, rtol=5e-2)

@@ -134,6 +134,10 @@ def segment_attention_forward(
         )
     dropout = dropout if module.training else 0.0
     if query.device.type == "cpu" and not dropout and _HAS_CPU_FLASH_OPS:
+        if torch.is_autocast_enabled("cpu"):
+            # what autocast does to an SDPA call (RoPE may have left query and key in float32, value in bf16);
+            # the kernel's own ops are not on autocast's lists, so they would get the mixed dtypes
+            query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         return _SegmentAttentionCPU.apply(query, key, value, plan.rows, scaling), None
     masks = plan.additive_masks(query.dtype, query.device)
     batch, heads, width, head_dim = query.shape
