@@ -837,10 +837,13 @@ def num(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+MISMATCHES = ("loss_mismatch", "gradient_mismatch")  # the verdicts of summarize that withhold a ratio
+
+
 def check_cell(row: dict[str, Any]) -> str:
     """The table's verdict on a row's agreement with TRL: what was compared, the gaps, whether a ratio is claimed."""
     check = row.get("vs_trl", "reference" if is_trl(row["library"]) else "")
-    if check not in ("ok", "loss_mismatch", "gradient_mismatch"):
+    if check not in ("ok", *MISMATCHES):
         return check
     gaps = f"loss gap {row['loss_gap']:.1e}"
     if "gradient_gap" in row:

@@ -162,14 +162,14 @@ def segment_attention_forward(
 
 
 def _segment_keys(key: Tensor, value: Tensor, row: int, seg: Segment) -> tuple[Tensor, Tensor]:
-    """The keys and values ``seg``'s queries attend: its own slice, or after a shared prompt the prompt's
-    joined to its own (the completions packed between them are not computed at all; a key slice spanning
-    them with a mask hiding them would have the kernel score them all, work quadratic in K)."""
-    own = slice(seg.start, seg.end)
-    if not seg.has_prefix:
-        return key[row : row + 1, :, own], value[row : row + 1, :, own]
-    prefix = slice(seg.key_start, seg.prefix_end)
-    return tuple(torch.cat([t[row : row + 1, :, prefix], t[row : row + 1, :, own]], dim=2) for t in (key, value))
+    """The keys and values ``seg``'s queries attend (:func:`_key_parts`) as one tensor each: its own slice (a
+    view), or after a shared prompt the prompt's joined to its own (the completions packed between them are
+    not computed at all; a key slice spanning them with a mask hiding them would have the kernel score them
+    all, work quadratic in K)."""
+    parts = [cols for cols, _ in _key_parts(seg)]
+    if len(parts) == 1:
+        return key[row : row + 1, :, parts[0]], value[row : row + 1, :, parts[0]]
+    return tuple(torch.cat([t[row : row + 1, :, cols] for cols in parts], dim=2) for t in (key, value))
 
 
 _HAS_CPU_FLASH_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
