@@ -129,7 +129,8 @@ def layout_bytes(prompt: int, completions: int, length: int) -> dict:
     """Bytes of every tensor each prefix-sharing layout builds for one row (no model run).
 
     The dense layout counts its ``allowed`` mask and the additive float32 mask the trainer makes of it;
-    the segment layout its per-token tensors and the plan's masks.
+    the segment layout its per-token tensors, which is all the CPU path builds, and with the additive
+    float32 masks the SDPA path (a GPU, attention dropout) makes of its plan.
     """
     batch = PreferenceCollator(0, completions)(shared_prompt_rows(prompt, completions, length, 50_000))
 
@@ -141,9 +142,10 @@ def layout_bytes(prompt: int, completions: int, length: int) -> dict:
     dense_bytes = sum(size(t) for t in fields if isinstance(t, torch.Tensor)) + dense.allowed.numel() * 4
     segments = pack_segments(batch, prefix_sharing=True, padding_free=False)
     fields = [getattr(segments, f.name) for f in dataclasses.fields(segments)]
-    segment_bytes = sum(size(t) for t in fields if isinstance(t, torch.Tensor)) + segments.plan.mask_elements()
+    segment_bytes = sum(size(t) for t in fields if isinstance(t, torch.Tensor))
     return {"prompt": prompt, "K": completions, "width": int(dense.input_ids.shape[1]),
-            "dense_mask_layout_bytes": dense_bytes, "segment_layout_bytes": segment_bytes}
+            "dense_mask_layout_bytes": dense_bytes, "segment_layout_bytes": segment_bytes,
+            "segment_sdpa_layout_bytes": segment_bytes + 4 * segments.plan.mask_elements()}
 
 
 def growth_exponent(widths: list[float], values: list[float]) -> float | None:
@@ -158,7 +160,8 @@ def growth_exponent(widths: list[float], values: list[float]) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="prompt tokens")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[512, 1024, 2048],
+                        help="prompt tokens (none, with no --padding-lengths either: the bytes table only)")
     parser.add_argument("--padding-lengths", type=int, nargs="*", default=[512, 1024], help="prompt tokens")
     parser.add_argument("--completions", type=int, default=4, help="K, completions per prompt")
     parser.add_argument("--completion-length", type=int, default=128)
@@ -172,16 +175,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [layout_bytes(p, args.bytes_completions, args.completion_length) for p in args.bytes_lengths]
-    print("| prompt | K | row width | dense-mask layout MiB | segment layout MiB |")
-    print("|---|---|---|---|---|")
+    print("| prompt | K | row width | dense-mask layout MiB | segment layout MiB, CPU | segment layout MiB, SDPA |")
+    print("|---|---|---|---|---|---|")
     for r in sizes:
         print(f"| {r['prompt']} | {r['K']} | {r['width']} | {r['dense_mask_layout_bytes'] / 2**20:.1f} "
-              f"| {r['segment_layout_bytes'] / 2**20:.2f} |")
+              f"| {r['segment_layout_bytes'] / 2**20:.2f} | {r['segment_sdpa_layout_bytes'] / 2**20:.2f} |")
     size_exponents = {
         name: round(growth_exponent([r["width"] for r in sizes], [r[name] for r in sizes]), 3)
-        for name in ("dense_mask_layout_bytes", "segment_layout_bytes")
+        for name in ("dense_mask_layout_bytes", "segment_layout_bytes", "segment_sdpa_layout_bytes")
     } if len(sizes) > 1 else {}
     print(f"layout bytes growth exponents vs row width: {size_exponents}", flush=True)
+    rows, exponents = (_measure_layouts(args) if args.lengths or args.padding_lengths else ([], {}))
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"layouts_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    result = {"args": vars(args), "rows": rows, "memory_growth_exponents": exponents, "layout_bytes": sizes,
+              "layout_bytes_growth_exponents": size_exponents}
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _measure_layouts(args) -> tuple[list[dict], dict]:
+    """Step time and memory of each layout on the model (the rows and their memory growth exponents)."""
     torch.manual_seed(0)
     model = load_model(args.model, attn_implementation="sdpa")
     model.train()
@@ -222,13 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, exponent in exponents.items():
         print(f"memory growth exponent {name}: {exponent}")
-    RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"layouts_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    result = {"args": vars(args), "rows": rows, "memory_growth_exponents": exponents, "layout_bytes": sizes,
-              "layout_bytes_growth_exponents": size_exponents}
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    return 0
+    return rows, exponents
 
 
 if __name__ == "__main__":

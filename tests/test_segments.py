@@ -279,12 +279,10 @@ def test_cpu_segment_attention_equals_sdpa_calls_and_keeps_only_the_layers_own_t
     rows = [[Segment(0, 0, 0, prompt + own), Segment(0, prompt, prompt + own, prompt + 2 * own),
              Segment(0, prompt, prompt + 2 * own, prompt + 3 * own)],
             [Segment(0, 0, 0, 9), Segment(9, 9, 9, 20)]]  # a padding-free row: two sequences, then padding
-    plan = SegmentPlan.build(rows)
-    assert plan.masks[0][2].shape == (own, prompt + own)  # the prompt's keys and its own, not the completion between
     width = prompt + 3 * own + 2
     module = torch.nn.Module()
 
-    def run():
+    def run(plan):
         torch.manual_seed(1)
         leaves = [torch.randn(2, n, width, dim, requires_grad=True) for n in (heads, kv_heads, kv_heads)]
         kept = []
@@ -293,9 +291,14 @@ def test_cpu_segment_attention_equals_sdpa_calls_and_keeps_only_the_layers_own_t
         out.backward(torch.ones_like(out))
         return out, [t.grad for t in leaves], leaves, kept
 
-    fast, fast_grads, leaves, kept = run()
+    fast_plan, slow_plan = SegmentPlan.build(rows), SegmentPlan.build(rows)
+    fast, fast_grads, leaves, kept = run(fast_plan)
+    assert fast_plan._masks == {}  # the CPU function reads no mask, so none was made
     monkeypatch.setattr(attention, "_HAS_CPU_FLASH_OPS", False)
-    slow, slow_grads, _, slow_kept = run()
+    slow, slow_grads, _, slow_kept = run(slow_plan)
+    # the SDPA path's masks: the prompt's keys and its own, not the completion between; float32, made once
+    assert list(slow_plan._masks) == [(torch.float32, torch.device("cpu"))]
+    assert slow_plan.additive_masks(torch.float32, "cpu")[0][2].shape == (own, prompt + own)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -327,3 +330,18 @@ def test_cpu_segment_attention_under_bf16_autocast_takes_mixed_dtypes_as_sdpa_do
     assert fast.dtype == torch.bfloat16  # autocast's dtype (the SDPA path writes its bf16 pieces into float32)
     torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fast_grad, slow_grad, atol=5e-2, rtol=5e-2)
+
+
+def test_layout_bytes_are_per_token_tensors_on_cpu_plus_the_sdpa_masks():
+    """The layouts benchmark's byte count: the CPU path builds 4 int64 tensors per position (ids, positions, owner,
+    source; no prompt index without prompt log-probs) and no mask; the
+    SDPA path adds one float32 mask of C × (P + C) per completion after the first."""
+    from benchmarks.layouts import layout_bytes
+
+    prompt, completions, length = 64, 3, 16
+    sizes = layout_bytes(prompt, completions, length)
+    width = prompt + completions * length
+    assert sizes["width"] == width
+    assert sizes["segment_layout_bytes"] == 4 * 8 * width
+    assert sizes["segment_sdpa_layout_bytes"] == 4 * 8 * width + 4 * (completions - 1) * length * (prompt + length)
+    assert sizes["dense_mask_layout_bytes"] > width * width * 4  # the W × W additive mask alone

@@ -56,34 +56,34 @@ class Segment:
 
 @dataclass
 class SegmentPlan:
-    """The segments of every row of a packed batch, and the small masks of those after a shared prompt.
+    """The segments of every row of a packed batch; the small masks of those after a shared prompt are made
+    only by the path that reads them (not the CPU function, which needs none), once per batch and device.
 
-    ``masks[r][i]`` is ``None`` for a segment without a prefix, else a
+    :attr:`masks` ``[r][i]`` is ``None`` for a segment without a prefix, else a
     ``(end − start, (prefix_end − key_start) + (end − start))`` bool tensor over the prefix's keys then
     the segment's own (true where a query may attend a key).
     """
 
     rows: list[list[Segment]]
-    masks: list[list[Tensor | None]]
-    _additive: dict = field(default_factory=dict, repr=False, compare=False)
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def build(cls, rows: list[list[Segment]], device=None) -> SegmentPlan:
-        """Check the segments and build their masks once per batch (every layer reuses them)."""
-        masks = []
+    def build(cls, rows: list[list[Segment]]) -> SegmentPlan:
+        """Check that every segment is ordered ``key_start <= prefix_end <= start < end``."""
         for segments in rows:
-            row_masks = []
             for seg in segments:
                 if not (seg.key_start <= seg.prefix_end <= seg.start < seg.end):
                     raise ValueError(f"segment {seg} is not ordered key_start <= prefix_end <= start < end")
-                row_masks.append(_prefix_mask(seg, device) if seg.has_prefix else None)
-            masks.append(row_masks)
-        return cls(rows, masks)
+        return cls(rows)
 
     def to(self, device, non_blocking: bool = False) -> SegmentPlan:
-        """The same plan with its masks on ``device``."""
-        masks = [[None if m is None else m.to(device, non_blocking=non_blocking) for m in row] for row in self.masks]
-        return SegmentPlan(self.rows, masks)
+        """The plan itself: it holds no tensors until a path asks for masks on its own device."""
+        return self
+
+    @property
+    def masks(self) -> list[list[Tensor | None]]:
+        """The boolean masks on the CPU (see the class docstring)."""
+        return self._made(torch.bool, torch.device("cpu"))
 
     def additive_masks(self, dtype: torch.dtype, device) -> list[list[Tensor | None]]:
         """The masks as additive ``0 / -inf`` tensors of ``dtype`` on ``device``, made once and kept.
@@ -93,26 +93,30 @@ class SegmentPlan:
         copy for the backward pass (in float32 ``4 ×`` the mask's elements, per layer); one additive
         mask shared by all layers is kept once.
         """
-        key = (dtype, torch.device(device))
-        if key not in self._additive:
-            self._additive[key] = [
-                [None if m is None else torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(
-                    ~m.to(device), float("-inf")) for m in row]
-                for row in self.masks]
-        return self._additive[key]
+        return self._made(dtype, torch.device(device))
+
+    def _made(self, dtype: torch.dtype, device: torch.device) -> list[list[Tensor | None]]:
+        if (dtype, device) not in self._masks:
+            self._masks[(dtype, device)] = [
+                [_prefix_mask(seg, dtype, device) if seg.has_prefix else None for seg in row] for row in self.rows]
+        return self._masks[(dtype, device)]
 
     def mask_elements(self) -> int:
         """Elements in all masks together: linear in the row width (the test of "no W × W tensor")."""
-        return sum(m.numel() for row in self.masks for m in row if m is not None)
+        return sum((s.end - s.start) * (s.prefix_end - s.key_start + s.end - s.start)
+                   for row in self.rows for s in row if s.has_prefix)
 
 
-def _prefix_mask(seg: Segment, device) -> Tensor:
-    """Queries × (prefix keys, then the segment's own keys): all of the prefix, causally its own."""
+def _prefix_mask(seg: Segment, dtype: torch.dtype, device) -> Tensor:
+    """Queries × (prefix keys, then the segment's own keys): all of the prefix, causally its own; a bool
+    mask (true = may attend) or, for a float ``dtype``, an additive one (0 / −inf)."""
     queries = seg.end - seg.start
     prefix = seg.prefix_end - seg.key_start
-    mask = torch.ones((queries, prefix + queries), dtype=torch.bool, device=device)
-    mask[:, prefix:] = mask[:, prefix:].tril()
-    return mask
+    allowed = torch.ones((queries, prefix + queries), dtype=torch.bool, device=device)
+    allowed[:, prefix:] = allowed[:, prefix:].tril()
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def segment_attention_forward(
