@@ -53,6 +53,12 @@ class Segment:
     def has_prefix(self) -> bool:
         return self.prefix_end > self.key_start
 
+    @property
+    def mask_shape(self) -> tuple[int, int]:
+        """Queries × (the prefix's keys, then the segment's own): the shape of its mask after a shared prompt."""
+        queries = self.end - self.start
+        return queries, (self.prefix_end - self.key_start) + queries
+
 
 @dataclass
 class SegmentPlan:
@@ -103,16 +109,14 @@ class SegmentPlan:
 
     def mask_elements(self) -> int:
         """Elements in all masks together: linear in the row width (the test of "no W × W tensor")."""
-        return sum((s.end - s.start) * (s.prefix_end - s.key_start + s.end - s.start)
-                   for row in self.rows for s in row if s.has_prefix)
+        return sum(s.mask_shape[0] * s.mask_shape[1] for row in self.rows for s in row if s.has_prefix)
 
 
 def _prefix_mask(seg: Segment, dtype: torch.dtype, device) -> Tensor:
     """Queries × (prefix keys, then the segment's own keys): all of the prefix, causally its own; a bool
     mask (true = may attend) or, for a float ``dtype``, an additive one (0 / −inf)."""
-    queries = seg.end - seg.start
+    allowed = torch.ones(seg.mask_shape, dtype=torch.bool, device=device)
     prefix = seg.prefix_end - seg.key_start
-    allowed = torch.ones((queries, prefix + queries), dtype=torch.bool, device=device)
     allowed[:, prefix:] = allowed[:, prefix:].tril()
     if dtype == torch.bool:
         return allowed
