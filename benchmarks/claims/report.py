@@ -115,8 +115,6 @@ constraint), which no run trained on and no setting was chosen on.
 """
 
 CAVEATS = """\
-What this scale can and cannot say:
-
 - A 135M instruct model, LoRA, one epoch of 40 prompts per method: a test of direction under equal,
   small, tuned budgets, not a replication of the papers' 7B+ benchmark numbers (AlpacaEval, MT-Bench).
 - The judge reward is the training signal (see above); read it beside the checkable columns and the
@@ -638,6 +636,10 @@ def length_section(results: Results, claims: list[tuple[dict[str, Any], list[Che
             cells += [math.nan, math.nan]
         lines.append(f"| {METRICS[metric]} | " + " | ".join("—" if math.isnan(v) else f"{v:+.2f}" for v in cells)
                      + " |")
+    lines += ["", "The fit takes out the effect of length and of ending *within* a run (b and c are estimated across "
+              "each run's own prompts), not the correlation *across* runs. Where runs that stop short and early owe "
+              "much of their raw score to ending (a large c), length control takes that credit back, and the LC "
+              "columns can correlate with length more than the raw ones."]
     changed = [c for _, checks in claims for c in checks
                if c.controlled_verdict and c.raw_verdict and c.raw_verdict != c.controlled_verdict]
     lines += ["", "Conclusions that change under length control (such a check counts as inconclusive): "
@@ -731,7 +733,10 @@ def _budget_section(spec: Spec) -> list[str]:
     lines += [f"| `{k}` | {v} |" for k, v in spec.budget.items()]
     lines += ["", "Evaluation: " + ", ".join(f"{k}={v}" for k, v in spec.eval.items()) + ". Win rate (ties count "
               "half), mean reward and KL are against the untouched model; its generations are made once and cached. "
-              "Implicit-reward accuracy is against each run's own starting model. Grid points are evaluated the same "
+              "Implicit-reward accuracy (the share of held-out pairs whose chosen side gets the larger β·log-ratio) "
+              "is against each run's own starting model; in most of those pairs the rejected side is the longer one "
+              "and more often cut off, so the column also rewards a run for making long completions less likely, and "
+              "no check uses it. Grid points are evaluated the same "
               "way on the validation prompts: " + ", ".join(f"{k}={v}" for k, v in (spec.selection.get("eval") or
                                                                                    {}).items()) + "."]
     return lines
