@@ -426,6 +426,8 @@ def test_report_verdicts_on_constructed_results(tmp_path, tiny_model_dir):
     assert "Missing has 0 seed(s) (failed: boom)" in page
     assert "95% paired bootstrap interval over prompts *and* seeds" in page  # the rule is written on the page
     assert "r with length" in page and "answer correctness (checkable)" in page
+    assert "computed on the 3 evaluation prompts" in page and "(0 with a checkable answer" in page  # eval limit 3
+    assert "- 3 held-out prompts and 3 seeds give wide intervals" in page
     assert "python -m benchmarks.claims run spec.yaml" in page
     for figure in ("reward_vs_kl.png", "chosen_reward_curves.png", "rao_sweep.png"):
         assert (spec.figures_dir / figure).is_file()
