@@ -735,9 +735,23 @@ def render_page(results: Results, claims: list[tuple[dict[str, Any], list[CheckR
               f"python -m benchmarks.claims status {spec_arg}  # what is done, failed, unavailable",
               f"python -m benchmarks.claims report {spec_arg}  # rewrite this page from the committed records",
               f"python -m benchmarks.claims run {spec_arg} --only dpo --seeds 0   # one run (+ its grid)", "```", "",
+              made_at(results), "",
               "## What small scale can and cannot say", "",
               CAVEATS.format(prompts=counts["prompts"], seeds=len(spec.seeds))]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def made_at(results: Results) -> str:
+    """Which source commit made how many of the finished records (older records, made before it was written, say so)."""
+    counts: dict[str, int] = {}
+    for records in results.done.values():
+        for record in records:
+            commit = record.get("commit") or "not recorded (made before records named their commit)"
+            counts[commit] = counts.get(commit, 0) + 1
+    if not counts:
+        return "No finished records yet."
+    return "Finished records by the commit of the code that made them: " + "; ".join(
+        f"{commit}: {n}" for commit, n in sorted(counts.items(), key=lambda item: -item[1])) + "."
 
 
 def _budget_section(spec: Spec) -> list[str]:
