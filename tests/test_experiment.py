@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks import source_commit
 from benchmarks.claims import (
     load_spec,
     main,
@@ -233,6 +234,7 @@ def test_sweep_caches_resumes_and_handles_dependencies(tmp_path, tiny_model_dir,
         run_sweep(spec, isolate=False, log=_quiet)
     assert first.calls == ["sft", "dpo"]
     assert read_record(spec, "sft", 0)["status"] == DONE
+    assert read_record(spec, "sft", 0)["commit"] == source_commit()  # which code made the record
     assert read_record(spec, "dpo", 0) is None
     cache = next((spec.workdir / "cache").glob("reference-*.json"))
     cache_stamp = cache.stat().st_mtime_ns
@@ -426,6 +428,10 @@ def test_report_verdicts_on_constructed_results(tmp_path, tiny_model_dir):
     assert "Missing has 0 seed(s) (failed: boom)" in page
     assert "95% paired bootstrap interval over prompts *and* seeds" in page  # the rule is written on the page
     assert "r with length" in page and "answer correctness (checkable)" in page
+    assert "computed on the 3 evaluation prompts" in page and "(0 with a checkable answer" in page  # eval limit 3
+    assert "- 3 held-out prompts and 3 seeds give wide intervals" in page
+    # 14 finished records (4 runs × 3 seeds + 2 sweep points), all made by this checkout's code
+    assert f"Finished records by the commit of the code that made them: {source_commit()}: 14." in page
     assert "python -m benchmarks.claims run spec.yaml" in page
     for figure in ("reward_vs_kl.png", "chosen_reward_curves.png", "rao_sweep.png"):
         assert (spec.figures_dir / figure).is_file()

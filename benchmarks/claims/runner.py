@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import worker_env
+from benchmarks import source_commit, worker_env
 from benchmarks.claims.spec import (
     PLACEHOLDER,
     RESULT_VERSION,
@@ -235,6 +235,7 @@ def _record(spec: Spec, name: str, seed: int, status: str, **extra: Any) -> dict
         "run_dir": os.path.relpath(run_dir(spec, name, seed), spec.workdir),
         "settings": resolved_settings(spec, name, seed),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
         **extra,
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from unialign.feedback import SLOTS
@@ -35,6 +37,16 @@ def test_method_declarations(name):
     if name not in {"sft", "reward_model"}:
         assert "beta" in method.defaults
     assert method.summary and method.paper
+
+
+# A citation names a paper a reader can find: an arXiv id, or the venue where a paper has none.
+CITATION = re.compile(r"arXiv:\d{4}\.\d{5}|\(ACL 20\d\d\)")
+
+
+@pytest.mark.parametrize("method", all_methods(), ids=lambda m: m.name)
+def test_every_method_cites_its_paper_by_a_findable_id(method):
+    assert CITATION.search(method.paper), f"{method.name}: {method.paper!r} has no arXiv id or venue"
+    assert "papers/" not in method.paper and ".txt" not in method.paper
 
 
 def test_paper_defaults():

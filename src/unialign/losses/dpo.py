@@ -152,48 +152,51 @@ def distill(inputs: MethodInputs, cfg) -> LossOutput:
 register(Method(
     name="dpo", loss=dpo, formats=("pairwise",), needs_reference=True,
     summary="Direct Preference Optimization; label_smoothing gives cDPO",
-    paper="Rafailov et al. 2023; cDPO: Mitchell 2023",
+    paper='Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290); cDPO: Mitchell 2023, '
+          '"A note on DPO with noisy preferences and relationship to IPO" (note, no arXiv id)',
     defaults={"beta": 0.1, "learning_rate": 5e-7},
 ))
 
 register(Method(
     name="robust_dpo", loss=robust_dpo, formats=("pairwise",), needs_reference=True,
     summary="Robust DPO: unbiased DPO under label noise of rate label_smoothing (TRL's robust)",
-    paper="Chowdhury et al. 2024, Provably Robust DPO",
+    paper='Chowdhury et al. 2024, "Provably Robust DPO" (arXiv:2403.00409)',
     defaults={"beta": 0.1, "learning_rate": 5e-7, "label_smoothing": 0.1},
 ))
 
 register(Method(
     name="ipo", loss=ipo, formats=("pairwise",), needs_reference=True,
     summary="Identity Preference Optimization: squared loss on per-token log-ratio margins",
-    paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    paper='Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences" '
+          '(arXiv:2310.12036)',
     defaults={"beta": 0.1, "learning_rate": 5e-7},
 ))
 
 register(Method(
     name="hinge", loss=hinge, formats=("pairwise",), needs_reference=True,
     summary="SLiC-HF hinge loss on the implicit reward margin",
-    paper="Zhao et al. 2023, SLiC-HF",
+    paper='Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (arXiv:2305.10425)',
     defaults={"beta": 0.1, "learning_rate": 5e-7},
 ))
 
 register(Method(
     name="cal_dpo", loss=cal_dpo, formats=("pairwise",), needs_reference=True,
     summary="Calibrated DPO: contrastive term plus calibration of implicit rewards to ±1/2",
-    paper="Xiao et al. 2024, Cal-DPO",
+    paper='Xiao et al. 2024, "Cal-DPO: Calibrated Direct Preference Optimization" (arXiv:2412.14516)',
     defaults={"beta": 0.1, "learning_rate": 5e-7},
 ))
 
 register(Method(
     name="rpo_nll", loss=rpo_nll, formats=("pairwise",), needs_reference=True,
     summary="DPO plus alpha times the chosen completion's NLL (TRL's rpo)",
-    paper="Pang et al. 2024, Iterative Reasoning Preference Optimization",
+    paper='Pang et al. 2024, "Iterative Reasoning Preference Optimization" (arXiv:2404.19733)',
     defaults={"beta": 0.1, "learning_rate": 5e-7, "alpha": 1.0},
 ))
 
 register(Method(
     name="distill", loss=distill, formats=("pairwise",), needs_reference=True,
     summary="Distill explicit reward gaps into implicit reward gaps (squared error)",
-    paper="Fisch et al. 2024, Robust Preference Optimization through Reward Model Distillation",
+    paper='Fisch et al. 2024, "Robust Preference Optimization through Reward Model Distillation" '
+          '(arXiv:2405.19316)',
     defaults={"beta": 0.1, "learning_rate": 2e-7},
 ))

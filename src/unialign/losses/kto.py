@@ -82,6 +82,6 @@ register(Method(
     name="kto", loss=kto, formats=("binary", "pairwise"), needs_reference=True, needs_kl_pairs=True,
     targets_from="labels",
     summary="Kahneman-Tversky Optimization on unpaired desirable/undesirable completions",
-    paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
+    paper='Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization" (arXiv:2402.01306)',
     defaults={"beta": 0.1, "learning_rate": 1e-6, "desirable_weight": 1.0, "undesirable_weight": 1.0},
 ))

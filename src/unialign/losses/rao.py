@@ -96,6 +96,6 @@ register(Method(
     name="rao", loss=rao, formats=("listwise",), needs_reference=True, needs_prompt_logps=True,
     needs_shared_first_token=True,
     summary="Reward Alignment Optimization: regress β·(log-ratio + z0 + prompt term) onto explicit rewards",
-    paper="RAO: \"Reward Alignment Optimization: A Direct Point-wise Alignment Approach\"",
+    paper='Li et al. 2026, "Reward Alignment Optimization: A Direct Point-wise Alignment Approach" (ACL 2026)',
     defaults={"beta": 0.1, "learning_rate": 5e-7, "z0": 50.0},
 ))

@@ -113,14 +113,14 @@ def orpo(inputs: MethodInputs, cfg) -> LossOutput:
 register(Method(
     name="simpo", loss=simpo, formats=("pairwise",), needs_reference=False,
     summary="SimPO: length-normalized log-prob margin with target margin gamma, no reference",
-    paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    paper='Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward" (arXiv:2405.14734)',
     defaults={"beta": 2.0, "gamma": 0.5, "learning_rate": 5e-7},
 ))
 
 register(Method(
     name="cpo", loss=cpo, formats=("pairwise",), needs_reference=False,
     summary="Contrastive Preference Optimization: reference-free sigmoid loss plus alpha times NLL(y_w)",
-    paper="Xu et al. 2024, Contrastive Preference Optimization",
+    paper='Xu et al. 2024, "Contrastive Preference Optimization" (arXiv:2401.08417)',
     defaults={"beta": 0.1, "alpha": 1.0, "learning_rate": 1e-6},
 ))
 
@@ -131,7 +131,7 @@ def _orpo_needs(cfg) -> dict[str, bool]:
 register(Method(
     name="orpo", loss=orpo, formats=("pairwise",), needs_reference=False, needs_prompt_logps=True,
     summary="ORPO: NLL of prompt and chosen (or the chosen only) plus beta times an odds-ratio penalty",
-    paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model",
+    paper='Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model" (arXiv:2403.07691)',
     defaults={"beta": 0.1, "learning_rate": 1e-6},
     config_needs=_orpo_needs,
 ))

@@ -48,6 +48,7 @@ register(Method(
     name="reward_model", loss=reward_model, formats=("pairwise",), needs_reference=False,
     model_kind="sequence_classifier",
     summary="Bradley-Terry reward-model training on a sequence-classification head",
-    paper="Ouyang et al. 2022; margin: Touvron et al. 2023; centering: Eisenstein et al. 2023",
+    paper="Ouyang et al. 2022 (arXiv:2203.02155); margin: Touvron et al. 2023 (arXiv:2307.09288); "
+          "centering: Eisenstein et al. 2023 (arXiv:2312.09244)",
     defaults={"learning_rate": 1e-4},
 ))

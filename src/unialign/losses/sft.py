@@ -21,6 +21,6 @@ def sft(inputs: MethodInputs, cfg) -> LossOutput:
 register(Method(
     name="sft", loss=sft, formats=("sft", "pairwise", "triple"), needs_reference=False,
     summary="Supervised fine-tuning: token-mean cross-entropy on the completion (chosen/reference slot)",
-    paper="Ouyang et al. 2022 (SFT stage); TRL SFTTrainer",
+    paper="Ouyang et al. 2022 (arXiv:2203.02155), SFT stage; TRL SFTTrainer",
     defaults={"learning_rate": 2e-5},
 ))

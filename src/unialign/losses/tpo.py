@@ -1,7 +1,7 @@
 """TPO: triple preference optimization.
 
-Saeidi et al., "Triple Preference Optimization: Achieving Better Alignment with Less Data in a Single
-Step Optimization".
+Saeidi et al. 2024, "Triple Preference Optimization: Achieving Better Alignment with Less Data in a
+Single Step Optimization" (arXiv:2405.16681).
 
 Slots: ``0 = reference (gold, y_ref)``, ``1 = chosen (y_w)``, ``2 = rejected (y_l)``. No reference
 *model*: the preference term uses the policy's own log-probs and the gold completion is learned by
@@ -51,7 +51,7 @@ def tpo_l(inputs: MethodInputs, cfg) -> LossOutput:
     return _tpo_output(inputs, cfg, inputs.avg_logps, cfg.gamma)
 
 
-_TPO_PAPER = "Saeidi et al. 2024, Triple Preference Optimization"
+_TPO_PAPER = 'Saeidi et al. 2024, "Triple Preference Optimization" (arXiv:2405.16681)'
 
 register(Method(
     name="tpo", loss=tpo, formats=("triple",), needs_reference=False,

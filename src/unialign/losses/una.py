@@ -104,7 +104,8 @@ def una_reward(inputs: MethodInputs, cfg) -> LossOutput:
     return LossOutput(loss, _pointwise_metrics(inputs, cfg.beta * ratios, rewards))
 
 
-_UNA_PAPER = "Wang et al. 2024, UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit Reward"
+_UNA_PAPER = ('Wang et al. 2024, "UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit Reward '
+              'Function" (arXiv:2408.15339)')
 
 register(Method(
     name="una_pair", loss=una_pair, formats=("pairwise",), needs_reference=True,

@@ -1,7 +1,7 @@
 """Online UNA: RLHF's RL stage as a regression of implicit on explicit rewards, with no value model.
 
 Wang et al. 2024, "UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit
-Reward Function", §2.3.4 (simplification of RLHF) and §4.2 (online experiments); docs/online.md.
+Reward Function" (arXiv:2408.15339), §2.3.4 (simplification of RLHF) and §4.2 (online experiments); docs/online.md.
 
 Each step the policy samples completions ``y ~ π_θ(·|x)``, a reward source rates them with an
 explicit reward ``r_φ(x, y)``, and the implicit reward
@@ -207,8 +207,8 @@ register(Method(
     name="una_online", loss=una_online, formats=("prompt",), needs_reference=True, online=True,
     targets_from="scores",
     summary="online UNA: sample, score with a reward source, regress the implicit on the explicit reward",
-    paper="Wang et al. 2024, UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit "
-          "Reward (§2.3.4, §4.2; Eq. 7, 9)",
+    paper='Wang et al. 2024, "UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit '
+          'Reward Function" (arXiv:2408.15339), §2.3.4, §4.2; Eq. 7, 9',
     # The paper gives no online beta / lr: UNA-score's beta and the paper's usual lr (docs/methods.md).
     defaults={"beta": 0.03, "learning_rate": 5e-6},
 ))
