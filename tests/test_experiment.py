@@ -431,7 +431,7 @@ def test_report_verdicts_on_constructed_results(tmp_path, tiny_model_dir):
     assert "computed on the 3 evaluation prompts" in page and "(0 with a checkable answer" in page  # eval limit 3
     assert "- 3 held-out prompts and 3 seeds give wide intervals" in page
     # 14 finished records (4 runs × 3 seeds + 2 sweep points), all made by this checkout's code
-    assert f"Finished records by the commit of the code that made them: {source_commit()}: 14." in page
+    assert f"`+changes`: uncommitted code): {source_commit()}: 14." in page
     assert "python -m benchmarks.claims run spec.yaml" in page
     for figure in ("reward_vs_kl.png", "chosen_reward_curves.png", "rao_sweep.png"):
         assert (spec.figures_dir / figure).is_file()

@@ -750,7 +750,8 @@ def made_at(results: Results) -> str:
             counts[commit] = counts.get(commit, 0) + 1
     if not counts:
         return "No finished records yet."
-    return "Finished records by the commit of the code that made them: " + "; ".join(
+    return ("Finished records by the checkout's commit when each was written (a later commit that adds only "
+            "records changes no code; `+changes`: uncommitted code): ") + "; ".join(
         f"{commit}: {n}" for commit, n in sorted(counts.items(), key=lambda item: -item[1])) + "."
 
 
