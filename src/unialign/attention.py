@@ -27,6 +27,7 @@ need nothing else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,14 +51,19 @@ class Segment:
     end: int
 
     @property
+    def prefix_keys(self) -> int:
+        """How many shared-prompt keys the segment attends before its own (0 for a plain sequence or a prompt)."""
+        return self.prefix_end - self.key_start
+
+    @property
     def has_prefix(self) -> bool:
-        return self.prefix_end > self.key_start
+        return self.prefix_keys > 0
 
     @property
     def mask_shape(self) -> tuple[int, int]:
         """Queries × (the prefix's keys, then the segment's own): the shape of its mask after a shared prompt."""
         queries = self.end - self.start
-        return queries, (self.prefix_end - self.key_start) + queries
+        return queries, self.prefix_keys + queries
 
 
 @dataclass
@@ -109,14 +115,14 @@ class SegmentPlan:
 
     def mask_elements(self) -> int:
         """Elements in all masks together: linear in the row width (the test of "no W × W tensor")."""
-        return sum(s.mask_shape[0] * s.mask_shape[1] for row in self.rows for s in row if s.has_prefix)
+        return sum(math.prod(s.mask_shape) for row in self.rows for s in row if s.has_prefix)
 
 
 def _prefix_mask(seg: Segment, dtype: torch.dtype, device) -> Tensor:
     """Queries × (prefix keys, then the segment's own keys): all of the prefix, causally its own; a bool
     mask (true = may attend) or, for a float ``dtype``, an additive one (0 / −inf)."""
     allowed = torch.ones(seg.mask_shape, dtype=torch.bool, device=device)
-    prefix = seg.prefix_end - seg.key_start
+    prefix = seg.prefix_keys
     allowed[:, prefix:] = allowed[:, prefix:].tril()
     if dtype == torch.bool:
         return allowed
