@@ -114,16 +114,6 @@ Both are computed on the {prompts} evaluation prompts (`{source}`) only ({answer
 {formats} with a format constraint), which no run trained on and no setting was chosen on.
 """
 
-
-def signal_counts(source: str, limit: int | None = None) -> dict[str, Any]:
-    """The number of evaluation prompts (the first ``limit`` of ``source``) and how many each checkable signal fits."""
-    from unialign.evaluate import checkable_scores, load_prompts
-
-    prompts = load_prompts(source, limit)
-    correct, formatted = checkable_scores(prompts, [""] * len(prompts))
-    return {"source": source, "prompts": len(prompts), "answers": sum(v is not None for v in correct),
-            "formats": sum(v is not None for v in formatted)}
-
 CAVEATS = """\
 - A 135M instruct model, LoRA, one epoch of 40 prompts per method: a test of direction under equal,
   small, tuned budgets, not a replication of the papers' 7B+ benchmark numbers (AlpacaEval, MT-Bench).
@@ -137,6 +127,16 @@ CAVEATS = """\
   mean of n draws is (n − 1)/n of the usual s²/n: two thirds at n = 3), so an interval that barely
   excludes 0 or barely fits the margin is weaker evidence than it looks.
 """
+
+
+def signal_counts(source: str, limit: int | None = None) -> dict[str, Any]:
+    """The number of evaluation prompts (the first ``limit`` of ``source``) and how many each checkable signal fits."""
+    from unialign.evaluate import checkable_scores, load_prompts
+
+    prompts = load_prompts(source, limit)
+    correct, formatted = checkable_scores(prompts, [""] * len(prompts))
+    return {"source": source, "prompts": len(prompts), "answers": sum(v is not None for v in correct),
+            "formats": sum(v is not None for v in formatted)}
 
 
 # ----------------------------------------------------------------------------- per-run numbers
