@@ -35,7 +35,7 @@ from unialign import jsonfile
 
 DPO_LENGTHS = (256, 1024, 2048, 4096)
 RAO_KS = (2, 4, 8, 16)
-OTHER_LENGTHS = (1024, 2048)  # RAO, TPO and KTO against length (half prompt, half completion)
+OTHER_LENGTHS = (1024, 2048, 4096)  # RAO, TPO and KTO against length (half prompt, half completion)
 FIT_RANGE = (1024, 4096)
 
 
@@ -86,7 +86,8 @@ def default_points(quick: bool = False) -> list[Point]:
     # step memory against length for the other layouts (listwise K = 4, triples, KTO's pairs with KL completions):
     # unialign only, since the question is how its memory grows, and TRL has no RAO
     for method in ("rao", "tpo", "kto"):
-        points += [Point(f"{method}_len{n}", method, ["unialign-prefix"], n // 2, n // 2, x=n)
+        points += [Point(f"{method}_len{n}", method, ["unialign-prefix"], n // 2, n // 2, x=n,
+                         overrides={"steps": 1} if n == longest and not quick else {})
                    for n in ((32, 64) if quick else OTHER_LENGTHS)]
     return points
 

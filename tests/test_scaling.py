@@ -68,8 +68,11 @@ def test_the_sweep_covers_the_issues_lengths_and_ks():
     assert points["dpo_len2048"].libraries == ["trl", "trl-kept-memory", "unialign-prefix"]
     assert list(points)[:4] == ["dpo_len2048", "dpo_len256", "dpo_len1024", "dpo_len4096"]
     assert points["dpo_len4096"].overrides == {"steps": 1} and points["profile_dpo2048"].overrides["profile"]
-    assert [(points[f"{m}_len{n}"].prompt_length, points[f"{m}_len{n}"].libraries) for m in ("rao", "tpo", "kto")
-            for n in (1024, 2048)] == [(n // 2, ["unialign-prefix"]) for _ in range(3) for n in (1024, 2048)]
+    others = [points[f"{m}_len{n}"] for m in ("rao", "tpo", "kto") for n in (1024, 2048, 4096)]
+    assert [(p.prompt_length, p.libraries) for p in others] == [(n // 2, ["unialign-prefix"])
+                                                                for _ in range(3) for n in (1024, 2048, 4096)]
+    # the fit's 1024–4096 range is measured for every layout, the longest at one timed step as DPO's
+    assert [p.overrides for p in others] == [{}, {}, {"steps": 1}] * 3
     cfg = point_config(points["rao_k8"], BenchConfig(batch_size=1))
     assert (cfg.synthetic, cfg.methods, cfg.completions, cfg.max_length) == (True, ["rao"], 8, 1280)
 
