@@ -83,6 +83,7 @@ class BenchConfig:
     dtype: str = "float32"
     learning_rate: float = 1e-6
     lora: bool = False
+    gradient_checkpointing: bool = False  # both libraries recompute each layer's activations in backward
     device: str = "auto"
     tolerance: float = 1e-4
     gradient_tolerance: float = 1e-3  # relative gap of the step-0 gradient fingerprints (gradient_fingerprint)
@@ -380,6 +381,7 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
         torch_dtype=cfg.dtype,
         report_to=[],
         use_cpu=_device(cfg) == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
         cpu_keep_freed_memory=True,  # as under the unialign command
         **METHODS[method]["params"],
         **options,
@@ -424,6 +426,7 @@ def _trl_trainer(method: str, cfg: BenchConfig, policy, reference, tokenizer):
         use_cpu=_device(cfg) == "cpu",
         max_length=cfg.max_length,
         bf16=cfg.dtype == "bfloat16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     rows = _trl_text_rows(method)
     params = METHODS[method]["params"]
@@ -489,6 +492,13 @@ def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
         "categories": dict(sorted(categories.items(), key=lambda item: -item[1])),
         "top_ops": [{"op": name, "share": us / total, "seconds": us / 1e6} for name, us in ops],
     }
+
+
+def enable_checkpointing(trainer) -> None:
+    """Switch on activation checkpointing as ``Trainer.train`` does from the trainer's own arguments (the bench
+    drives ``training_step`` itself, so ``train`` never runs): the same call and kwargs for both libraries."""
+    kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
 
 
 def step_flops(params: int, trained_tokens: int, forward_only_tokens: int, lora: bool) -> float:
@@ -564,6 +574,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         items = examples
     model = trainer.model
     model.to(device)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(trainer)
     if getattr(trainer, "ref_model", None) is not None:
         trainer.ref_model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -663,6 +675,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "reference_forward": reference_forward,
         "phase_shares": {name: value / seconds for name, value in phases.items()},
         "keeps_freed_memory": allocator.is_applied(),
+        "activation_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
     }
 
 
@@ -1006,6 +1019,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (both libraries)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights (both)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activation checkpointing in both libraries (each layer recomputed in backward)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     parser.add_argument("--tolerance", type=float, default=d.tolerance, help="step-0 loss agreement required")
     parser.add_argument("--gradient-tolerance", type=float, default=d.gradient_tolerance,
@@ -1034,6 +1049,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         learning_rate=args.lr,
         lora=args.lora,
+        gradient_checkpointing=args.gradient_checkpointing,
         device=args.device,
         tolerance=args.tolerance,
         gradient_tolerance=args.gradient_tolerance,

@@ -36,6 +36,9 @@ from unialign import jsonfile
 DPO_LENGTHS = (256, 1024, 2048, 4096)
 RAO_KS = (2, 4, 8, 16)
 OTHER_LENGTHS = (1024, 2048, 4096)  # RAO, TPO and KTO against length (half prompt, half completion)
+CHECKPOINTED_LENGTHS = (1024, 2048, 4096)  # DPO (both libraries) and RAO under activation checkpointing
+# point-name prefix → the curve's axis (the method's own ``<method>_len`` points are "length")
+AXES = {"rao_k": "K", "dpo_ckpt": "length, checkpointed", "rao_ckpt": "length, checkpointed"}
 FIT_RANGE = (1024, 4096)
 
 
@@ -89,6 +92,13 @@ def default_points(quick: bool = False) -> list[Point]:
         points += [Point(f"{method}_len{n}", method, ["unialign-prefix"], n // 2, n // 2, x=n,
                          overrides={"steps": 1} if n == longest and not quick else {})
                    for n in ((32, 64) if quick else OTHER_LENGTHS)]
+    # activation checkpointing, as users train at 4k tokens: DPO in both libraries (TRL's 4096-token step outgrows
+    # this machine without it) and RAO (K = 4; its 4096-token step does too)
+    for method, libraries in (("dpo", ["trl", "unialign-prefix"]), ("rao", ["unialign-prefix"])):
+        points += [Point(f"{method}_ckpt{n}", method, libraries, n // 2, n // 2, x=n,
+                         overrides={"gradient_checkpointing": True} | (
+                             {"steps": 1} if n == longest and not quick else {}))
+                   for n in ((32, 64) if quick else CHECKPOINTED_LENGTHS)]
     return points
 
 
@@ -174,19 +184,19 @@ def curve_rows(reports: dict[str, dict[str, Any]], points: list[Point]) -> list[
 
 def exponents(rows: list[dict[str, Any]], fit_range: tuple[float, float] = FIT_RANGE) -> dict[str, float | None]:
     """Growth exponents of useful tokens/s and step peak memory: each method and library vs total length
-    (``<method>_len<n>`` points) in ``fit_range``, and RAO vs K (every ``rao_k`` point), keyed
-    ``"<method> <library> <quantity> vs <length|K>"``."""
+    (``<method>_len<n>`` points; ``<method>_ckpt<n>`` with activation checkpointing) in ``fit_range``, and RAO
+    vs K (every ``rao_k`` point), keyed ``"<method> <library> <quantity> vs <axis>"``."""
     out: dict[str, float | None] = {}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         if "error" in row:
             continue
-        axis = "length" if row["point"].startswith(f"{row['method']}_len") else (
-            "K" if row["point"].startswith("rao_k") else None)
+        axis = "length" if row["point"].startswith(f"{row['method']}_len") else next(
+            (name for prefix, name in AXES.items() if row["point"].startswith(prefix)), None)
         if axis:
             groups.setdefault((row["method"], row["library"], axis), []).append(row)
     for (method, library, axis), found in sorted(groups.items()):
-        if axis == "length":
+        if axis != "K":
             found = [r for r in found if fit_range[0] <= r["x"] <= fit_range[1]]
         xs = [r["x"] for r in found]
         out[f"{method} {library} tokens/s vs {axis}"] = fit_exponent(xs, [r["useful_tokens_per_s"] for r in found])
@@ -236,12 +246,13 @@ def draw_figure(rows: list[dict[str, Any]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ok = [r for r in rows if "error" not in r]
-    for library in sorted({r["library"] for r in ok if r["point"].startswith("dpo_len")}):
-        found = sorted((r for r in ok if r["point"].startswith("dpo_len") and r["library"] == library),
-                       key=lambda r: r["x"])
-        xs = [r["x"] for r in found]
-        axes[0].plot(xs, [r["useful_tokens_per_s"] for r in found], marker="o", label=library)
-        axes[1].plot(xs, [r["peak_step_mem_mb"] for r in found], marker="o", label=library)
+    for prefix, suffix, style in (("dpo_len", "", "-"), ("dpo_ckpt", ", checkpointed", "--")):
+        for library in sorted({r["library"] for r in ok if r["point"].startswith(prefix)}):
+            found = sorted((r for r in ok if r["point"].startswith(prefix) and r["library"] == library),
+                           key=lambda r: r["x"])
+            xs = [r["x"] for r in found]
+            for ax, key in ((axes[0], "useful_tokens_per_s"), (axes[1], "peak_step_mem_mb")):
+                ax.plot(xs, [r[key] for r in found], marker="o", linestyle=style, label=library + suffix)
     rao = sorted((r for r in ok if r["point"].startswith("rao_k")), key=lambda r: r["x"])
     if rao:
         axes[2].plot([r["x"] for r in rao], [r["s_per_completion"] for r in rao], marker="o",

@@ -171,6 +171,18 @@ def test_dpo_gradients_agree_with_trl_at_length(tiny_model_dir, tokenizer, tmp_p
     assert row["gradient_gap"] < 1e-5 and row["vs_trl"] == "ok"
 
 
+def test_activation_checkpointing_runs_in_both_libraries_and_leaves_the_gradients_alone(dpo_setting):
+    checkpointed = BenchConfig(**{**asdict(dpo_setting), "libraries": ["trl", "unialign-prefix"],
+                                  "gradient_checkpointing": True})
+    rows = {r["library"]: r for r in run_bench(checkpointed)["rows"]}
+    plain = run_bench(BenchConfig(**{**asdict(dpo_setting), "libraries": ["unialign-prefix"]}))["rows"][0]
+    assert [rows[lib]["activation_checkpointing"] for lib in ("trl", "unialign-prefix")] == [True, True]
+    assert plain["activation_checkpointing"] is False
+    assert rows["unialign-prefix"]["vs_trl"] == "ok" and rows["unialign-prefix"]["gradient_gap"] < 1e-5
+    # recomputing each layer in backward gives the gradients of the run that kept its activations
+    assert fingerprint_gap(rows["unialign-prefix"]["gradient_fingerprint"], plain["gradient_fingerprint"]) < 1e-6
+
+
 def test_methods_without_trl_say_so(tiny_model_dir, tmp_path):
     cfg = BenchConfig(model=tiny_model_dir, methods=["rao"], libraries=["trl"], steps=1, warmup=0, isolate=False,
                       output_dir=str(tmp_path))
@@ -179,8 +191,10 @@ def test_methods_without_trl_say_so(tiny_model_dir, tmp_path):
 
 
 def test_the_bench_command_keeps_its_options():
-    args = build_parser().parse_args(["--methods", "dpo,tpo", "--steps", "3", "--in-process"])
-    assert args.methods == "dpo,tpo" and args.steps == 3 and args.in_process
+    args = build_parser().parse_args(["--methods", "dpo,tpo", "--steps", "3", "--in-process",
+                                      "--gradient-checkpointing"])
+    assert args.methods == "dpo,tpo" and args.steps == 3 and args.in_process and args.gradient_checkpointing
+    assert not build_parser().parse_args([]).gradient_checkpointing
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
 

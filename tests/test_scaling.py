@@ -58,6 +58,14 @@ def test_exponents_fit_dpo_over_1024_to_4096_and_rao_over_every_k():
     rows += [_row(f"tpo_len{n}", "unialign-prefix", n, 5.0, 3.0 * n**1.5, method="tpo") for n in (1024, 2048)]
     assert exponents(rows)["tpo unialign-prefix step memory vs length"] == pytest.approx(1.5, abs=1e-12)
     assert "rao unialign-prefix step memory vs length" not in exponents(rows)  # rao_k points are the K axis only
+    # checkpointed DPO is a curve of its own, over the same range; it does not bend the plain one
+    rows += [_row(f"dpo_ckpt{n}", "trl", n, 1.0, 0.5 * n**0.75) for n in (256, 1024, 2048, 4096)]
+    rows[-4]["peak_step_mem_mb"] = 1e9  # the 256 point lies outside the fit range
+    fitted = exponents(rows)
+    assert fitted["dpo trl step memory vs length, checkpointed"] == pytest.approx(0.75, abs=1e-12)
+    assert fitted["dpo trl step memory vs length"] == pytest.approx(2.0, abs=1e-12)
+    rows += [_row(f"rao_ckpt{n}", "unialign-prefix", n, 1.0, 2.0 * n**0.5, method="rao") for n in (1024, 4096)]
+    assert exponents(rows)["rao unialign-prefix step memory vs length, checkpointed"] == pytest.approx(0.5, abs=1e-12)
 
 
 def test_the_sweep_covers_the_issues_lengths_and_ks():
@@ -73,6 +81,15 @@ def test_the_sweep_covers_the_issues_lengths_and_ks():
                                                                 for _ in range(3) for n in (1024, 2048, 4096)]
     # the fit's 1024–4096 range is measured for every layout, the longest at one timed step as DPO's
     assert [p.overrides for p in others] == [{}, {}, {"steps": 1}] * 3
+    checkpointed = [points[f"dpo_ckpt{n}"] for n in (1024, 2048, 4096)]
+    assert [(p.libraries, p.overrides) for p in checkpointed] == [
+        (["trl", "unialign-prefix"], {"gradient_checkpointing": True}),
+        (["trl", "unialign-prefix"], {"gradient_checkpointing": True}),
+        (["trl", "unialign-prefix"], {"gradient_checkpointing": True, "steps": 1})]
+    assert point_config(checkpointed[0], BenchConfig()).gradient_checkpointing
+    assert [(points[f"rao_ckpt{n}"].libraries, points[f"rao_ckpt{n}"].overrides) for n in (1024, 4096)] == [
+        (["unialign-prefix"], {"gradient_checkpointing": True}),
+        (["unialign-prefix"], {"gradient_checkpointing": True, "steps": 1})]
     cfg = point_config(points["rao_k8"], BenchConfig(batch_size=1))
     assert (cfg.synthetic, cfg.methods, cfg.completions, cfg.max_length) == (True, ["rao"], 8, 1280)
 
