@@ -6,7 +6,10 @@
   against TRL and TRL with unialign's allocator setting (``trl-kept-memory``);
 - RAO at K = 2, 4, 8, 16 completions of a 1024-token prompt, with unialign's DPO on the same prompts (its
   cost per completion is RAO's yardstick, as in the bench; TRL has no RAO);
-- TPO triples on the same prompts, unialign against TRL.
+- TPO triples on the same prompts, unialign against TRL;
+- the issue's ≈1,000-token pairs (600 + 400, batch 2), unialign against TRL;
+- RAO (K = 4), TPO and KTO at 1024, 2048 and 4096 tokens, unialign only;
+- with activation checkpointing in both libraries, DPO against TRL and RAO (K = 4) at 1024, 2048 and 4096.
 
 Each point is written to ``<out>/<name>.json`` as soon as it finishes, and a point whose file exists is
 skipped, so an interrupted sweep continues where it stopped. Every point holds ``--lock`` (default
