@@ -9,7 +9,8 @@ float32):
 * the causal and the full call, forward and the kernel's own backward op;
 * the alternative of splitting the causal call into query blocks of ``B`` rows — each block attends
   the earlier keys with a full call and its own ``B`` keys with a causal one, merged by their
-  log-sum-exps (the merge segment attention already does after a shared prompt).
+  log-sum-exps (:func:`unialign.attention.merge_by_lse`, which segment attention itself uses after a
+  shared prompt).
 
     python -m benchmarks.causal_kernel --lengths 1024 2048 --threads 2
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from unialign.attention import merge_by_lse
+
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -37,15 +40,11 @@ def split_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     outs, lses = [], []
     for start in range(0, q.shape[2], block):
         stop = start + block
-        own, own_lse = _FORWARD(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], 0.0, True)
-        if start == 0:
-            outs.append(own)
-            lses.append(own_lse)
-            continue
-        before, before_lse = _FORWARD(q[:, :, start:stop], k[:, :, :start], v[:, :, :start], 0.0, False)
-        lse = torch.logaddexp(before_lse, own_lse)
-        outs.append(before * (before_lse - lse).exp().unsqueeze(-1) + own * (own_lse - lse).exp().unsqueeze(-1))
-        lses.append(lse)
+        own = _FORWARD(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], 0.0, True)
+        if start:
+            own = merge_by_lse(_FORWARD(q[:, :, start:stop], k[:, :, :start], v[:, :, :start], 0.0, False), own)
+        outs.append(own[0])
+        lses.append(own[1])
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -67,13 +66,14 @@ def measure(length: int, blocks: list[int], repeats: int, seed: int = 0) -> dict
     q = torch.randn(1, HEADS, length, HEAD_DIM, generator=gen)
     k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen) for _ in range(2))
     row: dict = {"length": length}
+    outputs = {}
     for causal in (True, False):
-        out, lse = _FORWARD(q, k, v, 0.0, causal)
+        out, lse = outputs[causal] = _FORWARD(q, k, v, 0.0, causal)
         grad = torch.randn(out.shape, generator=gen)
         name = "causal" if causal else "full"
         row[f"{name}_forward_s"] = best_seconds(repeats, _FORWARD, q, k, v, 0.0, causal)
         row[f"{name}_backward_s"] = best_seconds(repeats, _BACKWARD, grad, q, k, v, out, lse, 0.0, causal)
-    reference, _ = _FORWARD(q, k, v, 0.0, True)
+    reference = outputs[True][0]
     row["split"] = []
     for block in blocks:
         split, _ = split_causal_forward(q, k, v, block)

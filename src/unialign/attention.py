@@ -201,6 +201,16 @@ def _flash(q: Tensor, key: Tensor, value: Tensor, row: int, cols: slice, causal:
         q, key[row : row + 1, :, cols], value[row : row + 1, :, cols], 0.0, causal, scale=scale)
 
 
+def merge_by_lse(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Attention over two key sets from the calls over each: ``(output (B, H, T, D), log-sum-exp (B, H, T))``
+    pairs merged as the softmax over both sets is, the two partial softmaxes weighted by their log-sum-exps
+    (summed in float32, returned in the outputs' dtype)."""
+    (out_a, lse_a), (out_b, lse_b) = first, second
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.float() * (lse_a - lse).exp().unsqueeze(-1) + out_b.float() * (lse_b - lse).exp().unsqueeze(-1)
+    return out.to(out_a.dtype), lse
+
+
 class _SegmentAttentionCPU(torch.autograd.Function):
     """A layer's segment attention on CPU, keeping for backward only what it cannot do without.
 
@@ -225,13 +235,7 @@ class _SegmentAttentionCPU(torch.autograd.Function):
             for seg in segments:
                 q = query[row : row + 1, :, seg.start : seg.end]
                 parts = [_flash(q, key, value, row, cols, causal, scale) for cols, causal in _key_parts(seg)]
-                if len(parts) == 1:
-                    piece, lse = parts[0]
-                else:  # softmax over both key sets = the two partial softmaxes weighted by their log-sum-exps
-                    (prompt_out, prompt_lse), (own_out, own_lse) = parts
-                    lse = torch.logaddexp(prompt_lse, own_lse)
-                    piece = (prompt_out.float() * (prompt_lse - lse).exp().unsqueeze(-1)
-                             + own_out.float() * (own_lse - lse).exp().unsqueeze(-1)).to(query.dtype)
+                piece, lse = parts[0] if len(parts) == 1 else merge_by_lse(*parts)
                 out[row, seg.start : seg.end] = piece[0].transpose(0, 1)
                 lses.append(lse)
         ctx.save_for_backward(query, key, value, out, *lses)
