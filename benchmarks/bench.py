@@ -497,8 +497,8 @@ def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
 def enable_checkpointing(trainer) -> None:
     """Switch on activation checkpointing as ``Trainer.train`` does from the trainer's own arguments (the bench
     drives ``training_step`` itself, so ``train`` never runs): the same call and kwargs for both libraries."""
-    kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
-    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    trainer.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=trainer.args.activation_checkpointing_kwargs or None)
 
 
 def step_flops(params: int, trained_tokens: int, forward_only_tokens: int, lora: bool) -> float:
