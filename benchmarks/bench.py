@@ -84,6 +84,7 @@ class BenchConfig:
     learning_rate: float = 1e-6
     lora: bool = False
     gradient_checkpointing: bool = False  # both libraries recompute each layer's activations in backward
+    save_attention: bool = False  # with it: both keep the attention kernels' outputs (selective checkpointing)
     device: str = "auto"
     tolerance: float = 1e-4
     gradient_tolerance: float = 1e-3  # relative gap of the step-0 gradient fingerprints (gradient_fingerprint)
@@ -382,6 +383,7 @@ def _unialign_trainer(method: str, cfg: BenchConfig, library: str, policy, refer
         report_to=[],
         use_cpu=_device(cfg) == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_save_attention=cfg.save_attention,
         cpu_keep_freed_memory=True,  # as under the unialign command
         **METHODS[method]["params"],
         **options,
@@ -494,11 +496,31 @@ def profile_breakdown(events, top: int = 12) -> dict[str, Any]:
     }
 
 
-def enable_checkpointing(trainer) -> None:
+def enable_checkpointing(trainer, save_attention: bool = False) -> None:
     """Switch on activation checkpointing as ``Trainer.train`` does from the trainer's own arguments (the bench
-    drives ``training_step`` itself, so ``train`` never runs): the same call and kwargs for both libraries."""
-    trainer.model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs=trainer.args.activation_checkpointing_kwargs or None)
+    drives ``training_step`` itself, so ``train`` never runs): the same call and kwargs for both libraries.
+
+    ``save_attention``: both keep the attention kernels' outputs through the same ``context_fn``. unialign as its
+    trainer does on ``on_train_begin``; TRL through its args' checkpoint kwargs, since TRL switches checkpointing
+    off around each no-grad pass and back on from them.
+    """
+    from unialign.checkpointing import attention_saving_context, save_attention_in_checkpoints
+    from unialign.trainer import UnialignTrainer
+
+    kwargs = trainer.args.activation_checkpointing_kwargs or None
+    ours = isinstance(trainer, UnialignTrainer)
+    if save_attention and not ours:
+        kwargs = (kwargs or {"use_reentrant": False}) | {"context_fn": attention_saving_context}
+        trainer.args.activation_checkpointing_kwargs = trainer.args.gradient_checkpointing_kwargs = kwargs
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if save_attention and ours:
+        save_attention_in_checkpoints(trainer.model)
+
+
+def saves_attention(model) -> bool:
+    """Whether ``model``'s checkpointed layers keep their attention kernels' outputs (a ``context_fn`` is set)."""
+    return any("context_fn" in getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {})
+               for m in model.modules() if getattr(m, "gradient_checkpointing", False))
 
 
 def step_flops(params: int, trained_tokens: int, forward_only_tokens: int, lora: bool) -> float:
@@ -575,7 +597,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
     model = trainer.model
     model.to(device)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(trainer)
+        enable_checkpointing(trainer, cfg.save_attention)
     if getattr(trainer, "ref_model", None) is not None:
         trainer.ref_model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -676,6 +698,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "phase_shares": {name: value / seconds for name, value in phases.items()},
         "keeps_freed_memory": allocator.is_applied(),
         "activation_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "saves_attention": saves_attention(model),
     }
 
 
@@ -1021,6 +1044,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights (both)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing in both libraries (each layer recomputed in backward)")
+    parser.add_argument("--save-attention", action="store_true",
+                        help="with --gradient-checkpointing: both libraries keep the attention kernels' outputs "
+                        "instead of recomputing them (unialign's activation_checkpointing_save_attention)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     parser.add_argument("--tolerance", type=float, default=d.tolerance, help="step-0 loss agreement required")
     parser.add_argument("--gradient-tolerance", type=float, default=d.gradient_tolerance,
@@ -1050,6 +1076,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         lora=args.lora,
         gradient_checkpointing=args.gradient_checkpointing,
+        save_attention=args.save_attention,
         device=args.device,
         tolerance=args.tolerance,
         gradient_tolerance=args.gradient_tolerance,

@@ -40,8 +40,10 @@ DPO_LENGTHS = (256, 1024, 2048, 4096)
 RAO_KS = (2, 4, 8, 16)
 OTHER_LENGTHS = (1024, 2048, 4096)  # RAO, TPO and KTO against length (half prompt, half completion)
 CHECKPOINTED_LENGTHS = (1024, 2048, 4096)  # DPO (both libraries) and RAO under activation checkpointing
+SAVED_ATTENTION_LENGTHS = (2048, 4096)  # DPO, checkpointed with each layer's attention output kept
 # point-name prefix → the curve's axis (the method's own ``<method>_len`` points are "length")
-AXES = {"rao_k": "K", "dpo_ckpt": "length, checkpointed", "rao_ckpt": "length, checkpointed"}
+AXES = {"rao_k": "K", "dpo_ckpt": "length, checkpointed", "rao_ckpt": "length, checkpointed",
+        "dpo_savedattn": "length, checkpointed, attention saved"}
 FIT_RANGE = (1024, 4096)
 
 
@@ -102,6 +104,12 @@ def default_points(quick: bool = False) -> list[Point]:
                          overrides={"gradient_checkpointing": True} | (
                              {"steps": 1} if n == longest and not quick else {}))
                    for n in ((32, 64) if quick else CHECKPOINTED_LENGTHS)]
+    # the same, keeping each layer's attention output instead of recomputing it
+    # (activation_checkpointing_save_attention), where attention is the costliest part of the recompute
+    points += [Point(f"dpo_savedattn{n}", "dpo", ["trl", "unialign-prefix"], n // 2, n // 2, x=n,
+                     overrides={"gradient_checkpointing": True, "save_attention": True} | (
+                         {"steps": 1} if n == longest and not quick else {}))
+               for n in ((64,) if quick else SAVED_ATTENTION_LENGTHS)]
     return points
 
 

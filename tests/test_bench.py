@@ -183,6 +183,17 @@ def test_activation_checkpointing_runs_in_both_libraries_and_leaves_the_gradient
     assert fingerprint_gap(rows["unialign-prefix"]["gradient_fingerprint"], plain["gradient_fingerprint"]) < 1e-6
 
 
+def test_saved_attention_runs_in_both_libraries_and_leaves_the_gradients_alone(dpo_setting):
+    checkpointed = {**asdict(dpo_setting), "libraries": ["trl", "unialign-prefix"], "gradient_checkpointing": True}
+    rows = {r["library"]: r for r in run_bench(BenchConfig(**(checkpointed | {"save_attention": True})))["rows"]}
+    recomputed = {r["library"]: r for r in run_bench(BenchConfig(**checkpointed))["rows"]}
+    assert [rows[lib]["saves_attention"] for lib in ("trl", "unialign-prefix")] == [True, True]
+    assert [recomputed[lib]["saves_attention"] for lib in ("trl", "unialign-prefix")] == [False, False]
+    assert rows["unialign-prefix"]["vs_trl"] == "ok" and rows["unialign-prefix"]["gradient_gap"] < 1e-5
+    for lib in ("trl", "unialign-prefix"):  # keeping the attention outputs gives the recomputed run's gradients
+        assert fingerprint_gap(rows[lib]["gradient_fingerprint"], recomputed[lib]["gradient_fingerprint"]) < 1e-6
+
+
 def test_methods_without_trl_say_so(tiny_model_dir, tmp_path):
     cfg = BenchConfig(model=tiny_model_dir, methods=["rao"], libraries=["trl"], steps=1, warmup=0, isolate=False,
                       output_dir=str(tmp_path))
@@ -195,6 +206,7 @@ def test_the_bench_command_keeps_its_options():
                                       "--gradient-checkpointing"])
     assert args.methods == "dpo,tpo" and args.steps == 3 and args.in_process and args.gradient_checkpointing
     assert not build_parser().parse_args([]).gradient_checkpointing
+    assert build_parser().parse_args(["--gradient-checkpointing", "--save-attention"]).save_attention
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
 

@@ -124,7 +124,7 @@ def test_memory_settings_may_change_on_resume_but_4bit_loading_may_not():
 
     before = load_config(None, {"output_dir": "x", "report_to": "none", "use_peft": True})
     after = load_config(None, {"output_dir": "x", "report_to": "none", "use_peft": True, "gradient_checkpointing": True,
-                               "attn_implementation": "eager"})
+                               "activation_checkpointing_save_attention": True, "attn_implementation": "eager"})
     marker = {"settings": training_settings(before)}
     assert resume_differences(marker, after, None) == []
     quantized = load_config(None, {"output_dir": "x", "report_to": "none", "use_peft": True, "load_in_4bit": True})

@@ -66,6 +66,10 @@ def test_exponents_fit_dpo_over_1024_to_4096_and_rao_over_every_k():
     assert fitted["dpo trl step memory vs length"] == pytest.approx(2.0, abs=1e-12)
     rows += [_row(f"rao_ckpt{n}", "unialign-prefix", n, 1.0, 2.0 * n**0.5, method="rao") for n in (1024, 4096)]
     assert exponents(rows)["rao unialign-prefix step memory vs length, checkpointed"] == pytest.approx(0.5, abs=1e-12)
+    rows += [_row(f"dpo_savedattn{n}", "trl", n, 1.0, 0.7 * n**0.6) for n in (2048, 4096)]
+    fitted = exponents(rows)
+    assert fitted["dpo trl step memory vs length, checkpointed, attention saved"] == pytest.approx(0.6, abs=1e-12)
+    assert fitted["dpo trl step memory vs length, checkpointed"] == pytest.approx(0.75, abs=1e-12)
 
 
 def test_the_sweep_covers_the_issues_lengths_and_ks():
@@ -90,6 +94,10 @@ def test_the_sweep_covers_the_issues_lengths_and_ks():
     assert [(points[f"rao_ckpt{n}"].libraries, points[f"rao_ckpt{n}"].overrides) for n in (1024, 4096)] == [
         (["unialign-prefix"], {"gradient_checkpointing": True}),
         (["unialign-prefix"], {"gradient_checkpointing": True, "steps": 1})]
+    saved = [points[f"dpo_savedattn{n}"] for n in (2048, 4096)]
+    assert [p.overrides for p in saved] == [{"gradient_checkpointing": True, "save_attention": True},
+                                            {"gradient_checkpointing": True, "save_attention": True, "steps": 1}]
+    assert point_config(saved[0], BenchConfig()).save_attention
     cfg = point_config(points["rao_k8"], BenchConfig(batch_size=1))
     assert (cfg.synthetic, cfg.methods, cfg.completions, cfg.max_length) == (True, ["rao"], 8, 1280)
 

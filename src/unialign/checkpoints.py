@@ -227,7 +227,8 @@ RESUME_SAFE_KEYS = frozenset(
         "prefix_sharing", "packed_attention", "padding_free", "gradient_checkpointing", "gradient_checkpointing_kwargs",
         "on_nonfinite",
         # transformers 5.2x's names for gradient checkpointing; the attention kernel computes the same values
-        "activation_checkpointing", "activation_checkpointing_kwargs", "attn_implementation",
+        "activation_checkpointing", "activation_checkpointing_kwargs", "activation_checkpointing_save_attention",
+        "attn_implementation",
         "allow_pickle", "trust_remote_code", "vllm_gpu_memory_utilization", "vllm_max_model_len",
     }
 )

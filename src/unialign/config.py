@@ -243,6 +243,14 @@ class UnialignConfig(TrainingArguments):
             "shapes): fuses norms, activations and rotary embeddings; the first step pays the compilation"
         },
     )
+    activation_checkpointing_save_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "with activation_checkpointing: keep each layer's attention output (the fused attention kernel's, "
+            "about the size of the layer's input) instead of recomputing the attention in backward (PyTorch's "
+            "selective checkpointing; needs use_reentrant: false, the default)"
+        },
+    )
     cpu_keep_freed_memory: bool | None = field(
         default=None,
         metadata={
@@ -407,6 +415,32 @@ class UnialignConfig(TrainingArguments):
                 "not installed: pip install 'unialign[dist]' (docs/distributed.md)",
             )
         super().__post_init__()
+        if self.activation_checkpointing_save_attention:
+            self._check_save_attention()
+
+    def _check_save_attention(self) -> None:
+        """``activation_checkpointing_save_attention`` needs checkpointing on, and of the non-reentrant kind."""
+        if not self.activation_checkpointing:
+            raise ConfigError(
+                "activation_checkpointing_save_attention",
+                "is true but activation_checkpointing is off: there is no recompute to spare; set "
+                "activation_checkpointing: true (or gradient_checkpointing: true)",
+            )
+        # what transformers' Trainer hands to torch's checkpoint: its own two keys removed, and
+        # {use_reentrant: false} in place of an empty dict
+        kwargs = {k: v for k, v in (self.activation_checkpointing_kwargs or {}).items()
+                  if k not in ("every_n_layers", "offload")}
+        if kwargs and kwargs.get("use_reentrant") is not False:
+            raise ConfigError(
+                "activation_checkpointing_save_attention",
+                f"needs non-reentrant checkpointing, but activation_checkpointing_kwargs is {kwargs} (use_reentrant "
+                "unset means reentrant to torch): add use_reentrant: false",
+            )
+        if "context_fn" in kwargs:
+            raise ConfigError(
+                "activation_checkpointing_save_attention",
+                "cannot be combined with a context_fn in activation_checkpointing_kwargs",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """TrainingArguments' dict, with data given as objects shown as text so ``config.json`` stays JSON."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 from torch import Tensor
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
@@ -31,6 +31,7 @@ from unialign.attention import (
     placeholder_mask,
     use_segment_attention,
 )
+from unialign.checkpointing import save_attention_in_checkpoints
 from unialign.checkpoints import (
     data_fingerprint,
     is_complete,
@@ -131,6 +132,8 @@ class UnialignTrainer(Trainer):
         if (process_is_owned() if keep is None else keep) and self.accelerator.device.type == "cpu":
             keep_freed_memory()
         self.segment_attention = self._setup_segment_attention()
+        if self.args.activation_checkpointing_save_attention:
+            self.add_callback(_SaveAttentionInCheckpoints())
         if self.args.compile_layers:
             compiled = compile_blocks(self.model)
             if self.ref_model is not None:
@@ -681,6 +684,16 @@ class UnialignTrainer(Trainer):
         if split == "train":
             self._steps_since_log = 0
         super().log(logs, *args, **kwargs)
+
+
+class _SaveAttentionInCheckpoints(TrainerCallback):
+    """``activation_checkpointing_save_attention``: applied once ``Trainer.train`` has switched checkpointing on
+    (it does so just before ``on_train_begin``), on every run and every resume."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layers = save_attention_in_checkpoints(model)
+        logger.info("activation_checkpointing_save_attention: %d checkpointed layers keep their attention output",
+                    layers)
 
 
 class RowIndexCollator:
