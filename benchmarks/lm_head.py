@@ -20,7 +20,8 @@ the largest differences between the two heads' results:
     python -m benchmarks.lm_head --tokens 2046 4094 8190 --threads 2
 
 (the positions TRL scores in the bench's DPO rows of 1024, 2048 and 4096 tokens: 2 × (length − 1)).
-It writes ``benchmarks/results/lm_head_<time>.json``.
+It writes ``benchmarks/results/lm_head_<time>.json``. ``--chunk-sizes 256 512 1024 2048`` also times unialign's
+head at each ``logprob_chunk_size``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,39 @@ def measure(tokens: int, repeats: int, hidden_size: int = HIDDEN, vocab: int = V
     return row
 
 
+def chunk_sweep(tokens: int, chunk_sizes: list[int], repeats: int, hidden_size: int = HIDDEN, vocab: int = VOCAB,
+                seed: int = 0) -> list[dict]:
+    """unialign's head at each ``logprob_chunk_size``: heap peak (MiB), best seconds of forward + backward and of
+    a forward without gradients, and the largest log-prob difference from the first chunk size's."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.05).requires_grad_()
+    hidden = torch.randn(tokens, hidden_size, generator=gen).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    rows, first = [], None
+    for size in chunk_sizes:
+        head = functools.partial(unialign_head, chunk_size=size)
+        step(head, hidden, weight, targets)
+        memory = PeakMemory("cpu")
+        with memory:
+            logps = step(head, hidden, weight, targets)
+        first = logps if first is None else first
+        with torch.no_grad():
+            no_grad = best_seconds(repeats, functools.partial(head, hidden, weight, targets))
+        rows.append({"tokens": tokens, "chunk_size": size, "peak_mib": memory.delta_mb,
+                     "s": best_seconds(repeats, functools.partial(step, head, hidden, weight, targets)),
+                     "no_grad_s": no_grad, "max_logp_diff": float((logps - first).abs().max())})
+    return rows
+
+
+def format_chunk_rows(rows: list[dict]) -> str:
+    """One Markdown table: per N and chunk size, unialign's head peak and seconds."""
+    lines = ["| tokens N | chunk size | peak MiB | forward + backward s | no-grad s | max log-prob diff |",
+             "|" + "---|" * 6]
+    lines += [f"| {r['tokens']} | {r['chunk_size']} | {r['peak_mib']:.0f} | {r['s']:.2f} | {r['no_grad_s']:.2f} | "
+              f"{r['max_logp_diff']:.1e} |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     """One Markdown table: per N, each head's heap peak and seconds, and how far apart their results are."""
     lines = ["| tokens N | TRL peak MiB | unialign peak MiB | TRL MiB per token | TRL s (outside matmul) "
@@ -140,17 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
+                        help="also time unialign's head at these logprob_chunk_size values")
     parser.add_argument("--output-dir", default="benchmarks/results", help="'' for no JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [measure(n, args.repeats, args.hidden, args.vocab) for n in args.tokens]
     print(format_rows(rows))
+    chunks = [r for n in args.tokens for r in chunk_sweep(n, args.chunk_sizes, args.repeats, args.hidden, args.vocab)]
+    if chunks:
+        print(format_chunk_rows(chunks))
     if args.output_dir:
         path = Path(args.output_dir) / f"lm_head_{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         import trl
 
-        record = {"threads": args.threads, "torch": torch.__version__, "trl": trl.__version__, "rows": rows}
+        record = {"threads": args.threads, "torch": torch.__version__, "trl": trl.__version__, "rows": rows,
+                  "chunk_rows": chunks}
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}")
     return 0
