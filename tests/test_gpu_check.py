@@ -36,6 +36,7 @@ def test_dry_run_of_the_memory_checks_passes_and_writes_both_reports(tmp_path):
     assert attention["flash_attention_2"]["refused"].startswith("config key 'attn_implementation' is flash_attention_2")
     gc = checks["gradient_checkpointing"]["values"]
     assert gc["full"]["loss_gap"] == gc["full"]["grad_gap_rel"] == gc["lora"]["grad_gap_rel"] == 0.0
+    assert gc["full, attention kept (against checkpointed)"]["grad_gap_rel"] <= 1e-6
     dpo = checks["method:dpo"]["values"]
     assert dpo["loss_fp32"][0] == pytest.approx(0.6931471805599453, abs=1e-6)  # step 0: policy = reference
     assert dpo["loss_gap_step0"] <= 1e-3

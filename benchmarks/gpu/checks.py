@@ -344,21 +344,26 @@ def check_prefix_sharing(setup: Setup) -> Check:
 
 
 def check_gradient_checkpointing(setup: Setup) -> Check:
-    """Full fine-tuning and LoRA DPO with and without checkpointing: same losses and gradients, less memory."""
+    """Full fine-tuning and LoRA DPO with and without checkpointing, and checkpointed full fine-tuning with and
+    without the attention outputs kept (``activation_checkpointing_save_attention``): same losses and gradients."""
+    runs = {}
+    for label, extra in (("full", {}), ("lora", {"use_peft": True, "lora_r": 8})):
+        runs[label] = (train_steps(setup, "dpo", keep_grads=True, **extra),
+                       train_steps(setup, "dpo", keep_grads=True, gradient_checkpointing=True, **extra))
+    runs["full, attention kept (against checkpointed)"] = (runs["full"][1], train_steps(
+        setup, "dpo", keep_grads=True, gradient_checkpointing=True, activation_checkpointing_save_attention=True))
+    # CUDA attention backward kernels may sum in another order between runs: 1e-4 relative there
+    limit = EXACT_TOLERANCE if setup.device == "cpu" else 1e-4
     values: dict[str, Any] = {}
     ok = True
-    for label, extra in (("full", {}), ("lora", {"use_peft": True, "lora_r": 8})):
-        plain = train_steps(setup, "dpo", keep_grads=True, **extra)
-        ckpt = train_steps(setup, "dpo", keep_grads=True, gradient_checkpointing=True, **extra)
-        loss_gap = max(abs(a - b) for a, b in zip(plain["losses"], ckpt["losses"]))
+    for label, (baseline, ckpt) in runs.items():
+        loss_gap = max(abs(a - b) for a, b in zip(baseline["losses"], ckpt["losses"]))
         grad_gap = max((ckpt["grads"][n] - g).abs().max().item() / max(1.0, g.abs().max().item())
-                       for n, g in plain["grads"].items())
-        values[label] = {"loss_gap": loss_gap, "grad_gap_rel": grad_gap, "peak_mib": plain["peak_mib"],
-                         "peak_mib_checkpointed": ckpt["peak_mib"], "s": plain["seconds"],
+                       for n, g in baseline["grads"].items())
+        values[label] = {"loss_gap": loss_gap, "grad_gap_rel": grad_gap, "peak_mib": baseline["peak_mib"],
+                         "peak_mib_checkpointed": ckpt["peak_mib"], "s": baseline["seconds"],
                          "s_checkpointed": ckpt["seconds"]}
-        # CUDA attention backward kernels may sum in another order between runs: 1e-4 relative there
-        limit = EXACT_TOLERANCE if setup.device == "cpu" else 1e-4
-        ok = ok and set(plain["grads"]) == set(ckpt["grads"]) and loss_gap <= limit and grad_gap <= limit
+        ok = ok and set(baseline["grads"]) == set(ckpt["grads"]) and loss_gap <= limit and grad_gap <= limit
     def describe(k, v):
         peak = f", peak {v['peak_mib']:.0f} → {v['peak_mib_checkpointed']:.0f} MiB" if v["peak_mib"] else ""
         return f"{k}: loss gap {v['loss_gap']:.1e}, grad gap {v['grad_gap_rel']:.1e}{peak}"
