@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,3 +85,14 @@ def run_cli(func, args) -> int:
 def add_debug_argument(parser) -> None:
     """The ``--debug`` flag every harness command shares with the ``unialign`` CLI."""
     parser.add_argument("--debug", action="store_true", help="show full tracebacks (or set UNIALIGN_DEBUG=1)")
+
+
+def best_seconds(repeats: int, fn, *args) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn(*args)`` after one untimed call."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)

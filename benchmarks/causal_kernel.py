@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import best_seconds
 from unialign.attention import merge_by_lse
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -46,17 +47,6 @@ def split_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         outs.append(own[0])
         lses.append(own[1])
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-
-def best_seconds(repeats: int, fn, *args) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn(*args)`` after one untimed call."""
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(length: int, blocks: list[int], repeats: int, seed: int = 0) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import best_seconds
 from benchmarks.bench import PeakMemory
 from unialign.logprobs import ChunkedTokenLogps
 
@@ -79,16 +80,6 @@ def matmul_share(fn) -> tuple[float, float]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     return total, sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
-
-
-def best_seconds(repeats: int, fn) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn()``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(tokens: int, repeats: int, hidden_size: int = HIDDEN, vocab: int = VOCAB, seed: int = 0) -> dict:
