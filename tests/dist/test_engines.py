@@ -237,6 +237,20 @@ def test_two_processes_under_the_engine_match_one_process(engine, case, tiny_mod
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_kept_attention_under_checkpointing_trains_as_one_plain_process(engine, tiny_model_dir, data_files,
+                                                                       single_process, tmp_path):
+    """activation_checkpointing_save_attention on the sharded engines: applied on both processes' layers, and the
+    losses of four steps are those of one process without checkpointing."""
+    fmt, extra = CASES["dpo-separate-reference"]
+    two = tmp_path / "run"
+    launch(engine, base_config(tiny_model_dir, data_files[fmt], two, 2, activation_checkpointing=True,
+                               activation_checkpointing_save_attention=True, **extra), tmp_path)
+    assert [r["attention_saving_layers"] for r in reports(two)] == [2, 2]  # the tiny model's two layers, per rank
+    assert [r["attention_saving_layers"] for r in reports(single_process("dpo-separate-reference"))] == [0]
+    assert losses(two) == pytest.approx(losses(single_process("dpo-separate-reference")), abs=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 def test_a_killed_sharded_run_resumes_to_the_uninterrupted_weights(engine, tiny_model_dir, data_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
