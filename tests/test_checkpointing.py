@@ -11,9 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+import unialign
 from tests.conftest import tiny_dpo_config
 from tests.test_memory import TOLERANCE, _train_two_steps
+from tests.test_online import _config as online_config
+from tests.test_online import _logs as online_logs
 from unialign.checkpointing import attention_kernels, save_attention_in_checkpoints
 from unialign.config import ConfigError, load_config
 from unialign.models import load_model
@@ -111,3 +115,19 @@ def test_wrapping_the_layers_needs_checkpointing_and_happens_once(tiny_model_dir
     model.activation_checkpointing_enable({"use_reentrant": True})
     with pytest.raises(ValueError, match="needs non-reentrant checkpointing"):
         save_attention_in_checkpoints(model)
+
+
+
+def test_online_una_with_kept_attention_trains_as_with_plain_checkpointing(tiny_model_dir, tmp_path):
+    runs = {}
+    for name, extra in (("recomputed", {}), ("kept", {"activation_checkpointing_save_attention": True})):
+        (tmp_path / name).mkdir()
+        config = online_config(tiny_model_dir, tmp_path / name, max_steps=2, gradient_checkpointing=True, **extra)
+        result = unialign.train(config)
+        runs[name] = [entry["loss"] for entry in online_logs(tmp_path / name / "run")]
+        layers = [m for m in result.trainer.model.modules()
+                  if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        assert len(layers) == 2  # the tiny model's layers, checkpointed
+        assert all(getattr(m._gradient_checkpointing_func, "_unialign_saves_attention", False) == (name == "kept")
+                   for m in layers)
+    assert len(runs["kept"]) == 2 and runs["kept"] == pytest.approx(runs["recomputed"], abs=1e-6)
