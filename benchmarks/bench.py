@@ -517,12 +517,6 @@ def enable_checkpointing(trainer, save_attention: bool = False) -> None:
         save_attention_in_checkpoints(trainer.model)
 
 
-def saves_attention(model) -> bool:
-    """Whether ``model``'s checkpointed layers keep their attention kernels' outputs (a ``context_fn`` is set)."""
-    return any("context_fn" in getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {})
-               for m in model.modules() if getattr(m, "gradient_checkpointing", False))
-
-
 def step_flops(params: int, trained_tokens: int, forward_only_tokens: int, lora: bool) -> float:
     """Matmul FLOPs of the work: a trained token costs forward 2·P + backward 4·P (2·P for input gradients
     only when the base weights are frozen, as with LoRA; the adapters' own FLOPs are negligible); a token
@@ -669,6 +663,8 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         row["profile"] = profile_breakdown(profiler.key_averages())
     import resource
 
+    from unialign.checkpointing import attention_saving_layers
+
     seconds = sum(times)
     params = sum(p.numel() for p in model.parameters())
     reference_forward = spec.needs_reference
@@ -698,7 +694,7 @@ def run_one(method: str, library: str, cfg: BenchConfig) -> dict[str, Any]:
         "phase_shares": {name: value / seconds for name, value in phases.items()},
         "keeps_freed_memory": allocator.is_applied(),
         "activation_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
-        "saves_attention": saves_attention(model),
+        "saves_attention": attention_saving_layers(model) > 0,
     }
 
 

@@ -18,7 +18,7 @@ from tests.conftest import tiny_dpo_config
 from tests.test_memory import TOLERANCE, _train_two_steps
 from tests.test_online import _config as online_config
 from tests.test_online import _logs as online_logs
-from unialign.checkpointing import attention_kernels, save_attention_in_checkpoints
+from unialign.checkpointing import attention_kernels, attention_saving_layers, save_attention_in_checkpoints
 from unialign.config import ConfigError, load_config
 from unialign.models import load_model
 
@@ -104,7 +104,9 @@ def test_wrapping_the_layers_needs_checkpointing_and_happens_once(tiny_model_dir
         save_attention_in_checkpoints(model)
     model.activation_checkpointing_enable()
     layers = model.config.num_hidden_layers
+    assert attention_saving_layers(model) == 0
     assert save_attention_in_checkpoints(model) == layers
+    assert attention_saving_layers(model) == layers
     first = model.model.layers[0]._gradient_checkpointing_func
     assert first.keywords["context_fn"] is not None and first.keywords["use_reentrant"] is False
     assert save_attention_in_checkpoints(model) == layers
@@ -117,7 +119,6 @@ def test_wrapping_the_layers_needs_checkpointing_and_happens_once(tiny_model_dir
         save_attention_in_checkpoints(model)
 
 
-
 def test_online_una_with_kept_attention_trains_as_with_plain_checkpointing(tiny_model_dir, tmp_path):
     runs = {}
     for name, extra in (("recomputed", {}), ("kept", {"activation_checkpointing_save_attention": True})):
@@ -128,6 +129,5 @@ def test_online_una_with_kept_attention_trains_as_with_plain_checkpointing(tiny_
         layers = [m for m in result.trainer.model.modules()
                   if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
         assert len(layers) == 2  # the tiny model's layers, checkpointed
-        assert all(getattr(m._gradient_checkpointing_func, "_unialign_saves_attention", False) == (name == "kept")
-                   for m in layers)
+        assert attention_saving_layers(result.trainer.model) == (2 if name == "kept" else 0)
     assert len(runs["kept"]) == 2 and runs["kept"] == pytest.approx(runs["recomputed"], abs=1e-6)

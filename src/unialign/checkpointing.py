@@ -67,10 +67,10 @@ def save_attention_in_checkpoints(model: torch.nn.Module) -> int:
         # the model's top module carries the flag too; only the repeated blocks are counted
         checkpointed += 1
         layers += isinstance(module, GradientCheckpointingLayer)
-        if getattr(func, "_unialign_saves_attention", False):
+        keywords = getattr(func, "keywords", {})
+        if keywords.get("context_fn") is attention_saving_context:
             continue
         if id(func) not in wrapped:
-            keywords = getattr(func, "keywords", {})
             if keywords.get("use_reentrant") is not False:  # unset, torch's checkpoint defaults to reentrant
                 raise ValueError(
                     "activation_checkpointing_save_attention needs non-reentrant checkpointing: set "
@@ -80,9 +80,7 @@ def save_attention_in_checkpoints(model: torch.nn.Module) -> int:
                 raise ValueError(
                     "activation_checkpointing_save_attention: the checkpoint already has a context_fn of its own"
                 )
-            new = functools.partial(func, context_fn=attention_saving_context)
-            new._unialign_saves_attention = True
-            wrapped[id(func)] = new
+            wrapped[id(func)] = functools.partial(func, context_fn=attention_saving_context)
         module._gradient_checkpointing_func = wrapped[id(func)]
     if not checkpointed:
         raise ValueError(
@@ -90,3 +88,16 @@ def save_attention_in_checkpoints(model: torch.nn.Module) -> int:
             "activation_checkpointing: true"
         )
     return layers
+
+
+def attention_saving_layers(model: torch.nn.Module) -> int:
+    """How many checkpointed decoder layers of ``model`` keep their attention output: those whose checkpoint
+    function carries :func:`attention_saving_context`, set by :func:`save_attention_in_checkpoints` or passed in
+    ``activation_checkpointing_kwargs`` (``functools.partial`` flattens, so both read as one keyword)."""
+    return sum(
+        isinstance(m, GradientCheckpointingLayer)
+        and getattr(m, "gradient_checkpointing", False)
+        and getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {}).get("context_fn")
+        is attention_saving_context
+        for m in model.modules()
+    )

@@ -26,8 +26,8 @@ if not os.environ.get("UNIALIGN_TEST_NO_SWITCH"):
     cpu_engines.enable()
 
 import unialign  # noqa: E402
-from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: E402
 from unialign.allocator import malloc_in_use_bytes  # noqa: E402
+from unialign.checkpointing import attention_saving_layers  # noqa: E402
 from unialign.distributed import shut_down  # noqa: E402
 from unialign.trainer import UnialignTrainer  # noqa: E402
 
@@ -77,11 +77,6 @@ def measured_step(self, *args, **kwargs):
 
 UnialignTrainer.training_step = measured_step
 
-def unialign_layers(model):
-    """The model's repeated decoder blocks (transformers' checkpointable layers)."""
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 config = json.loads(open(sys.argv[1]).read())
 result = unialign.train(config)
 trainer = result.trainer
@@ -103,9 +98,7 @@ report = {
                                                               else p.numel()) for p in reference.parameters()),
     "reference_forwards": trainer.reference_forwards,
     # Decoder layers whose checkpoint keeps the attention output (activation_checkpointing_save_attention).
-    "attention_saving_layers": sum(
-        getattr(getattr(m, "_gradient_checkpointing_func", None), "_unialign_saves_attention", False)
-        and getattr(m, "gradient_checkpointing", False) for m in unialign_layers(trainer.model)),
+    "attention_saving_layers": attention_saving_layers(trainer.model),
     # The gradient bucket DeepSpeed's ZeRO optimizer allocated (elements), else None.
     "reduce_bucket_size": getattr(getattr(trainer.model_wrapped, "optimizer", None), "reduce_bucket_size", None),
     # Peak resident memory of this process over the whole run (Linux reports KiB; the reset of the high-water mark
