@@ -908,6 +908,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first processor's model name as the kernel reports it, or None where there is no such file."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return None
+
+
 def machine_info(device: str, threads: int) -> dict[str, Any]:
     """Where the numbers come from."""
     import torch
@@ -915,6 +928,10 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
 
     info = {
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        # The vector instruction set torch's CPU kernels were dispatched to (AVX2, AVX512, ...): two VMs with
+        # the same core count can differ here by 2-3x in matmul peak, so a ratio is quoted with it.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -1090,7 +1107,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     )
     report = run_bench(cfg)
     m = report["machine"]
-    print(f"{m['device']} · {m['cpu_count']} CPUs · {cfg.threads} threads · torch {m['torch']} · "
+    print(f"{m['device']} · {m['cpu_model'] or 'CPU'} ({m['cpu_capability']}) · {m['cpu_count']} CPUs · "
+          f"{cfg.threads} threads · torch {m['torch']} · "
           f"matmul peak {report['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     print(report["table"])
     breakdown = format_profile(report["rows"])

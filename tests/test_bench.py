@@ -16,10 +16,12 @@ from benchmarks.bench import (
     FedTokens,
     PeakMemory,
     build_parser,
+    cpu_model,
     fed_tokens,
     fingerprint_gap,
     format_profile,
     format_table,
+    machine_info,
     median_runs,
     op_category,
     ordinary_token_ids,
@@ -431,3 +433,19 @@ def test_a_worker_that_outgrows_memory_fails_in_its_own_allocation():
                           timeout=120)
     assert proc.stdout.startswith("REFUSED True"), proc.stderr[-2000:]
     assert _out_of_memory(proc.stdout) and not _out_of_memory("ValueError: bad row")
+
+
+def test_the_machine_record_names_the_cpu_model_and_the_kernels_instruction_set(tmp_path):
+    import torch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    assert cpu_model(tmp_path / "absent") is None
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu\n")
+    assert cpu_model(cpuinfo) is None
+
+    info = machine_info("cpu", 2)
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cpu_model"] == cpu_model()
