@@ -909,7 +909,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The first processor's model name as the kernel reports it, or None where there is no such file."""
+    """The first processor's model name as the kernel reports it, or None where the file or that line is missing."""
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -929,8 +929,8 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
     info = {
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
-        # The vector instruction set torch's CPU kernels were dispatched to (AVX2, AVX512, ...): two VMs with
-        # the same core count can differ here by 2-3x in matmul peak, so a ratio is quoted with it.
+        # The vector instruction set torch's CPU kernels were dispatched to (AVX2, AVX512, ...). Two 2-core VMs
+        # here differed threefold in matmul peak; this and cpu_model say which one a record came from.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
