@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import add_debug_argument, run_cli, source_commit, worker_env
+from benchmarks import add_debug_argument, machine_info, run_cli, worker_env
 from unialign import jsonfile
 
 # method → (bundled data, hyperparameters shared by both libraries, how TRL runs it or None)
@@ -906,55 +905,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{num(r.get('speedup_cpu'), '.2f')} | {num(r.get('memory_ratio'), '.2f')} | {check} |"
         )
     return "\n".join(lines)
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The first processor's model name as the kernel reports it, or None where the file or that line is missing."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            return value.strip()
-    return None
-
-
-def machine_info(device: str, threads: int) -> dict[str, Any]:
-    """Where the numbers come from."""
-    import torch
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        # The vector instruction set torch's CPU kernels were dispatched to (AVX2, AVX512, ...). Two 2-core VMs
-        # here differed threefold in matmul peak; this and cpu_model say which one a record came from.
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "commit": source_commit(),
-    }
-    try:
-        import trl
-
-        info["trl"] = trl.__version__
-    except ImportError:
-        info["trl"] = None
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-        info["load_avg_at_start"] = os.getloadavg()
-    except (ImportError, OSError):
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:

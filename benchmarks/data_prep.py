@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import machine_info
+
 HERE = Path(__file__).resolve().parent
 TOKENIZER = Path.home() / ".cache" / "unialign" / "smollm2-tokenizer"
 MAX_LENGTH = 1024  # above every generated row, so neither library truncates or drops any
@@ -204,8 +206,10 @@ def main() -> None:
               f"{r['peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |")
     out = HERE / "results" / f"data_prep_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The preparation runs in worker processes (num_proc), not torch threads; the record's thread count is the CPUs.
+    machine = machine_info("cpu", os.cpu_count() or 1)
     out.write_text(json.dumps({"rows": args.rows, "seed": args.seed, "max_length": MAX_LENGTH,
-                               "cpu_count": os.cpu_count(), "results": results}, indent=1) + "\n")
+                               "machine": machine, "results": results}, indent=1) + "\n")
     print(f"\nwrote {out}")
 
 

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import run_sides
+from benchmarks import machine_info, run_sides
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -171,14 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     given = list(argv if argv is not None else sys.argv[1:])
     forwarded, results = run_sides("benchmarks.online_vs_ppo", given, args.sides)
     import torch
-    import transformers
-    import trl
 
     report = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "trl": trl.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu", torch.get_num_threads()),
         "command": "python -m benchmarks.online_vs_ppo " + " ".join(forwarded),
         "results": results,
     }

@@ -11,17 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from benchmarks import cpu_model, machine_info
 from benchmarks.bench import (
     BenchConfig,
     FedTokens,
     PeakMemory,
     build_parser,
-    cpu_model,
     fed_tokens,
     fingerprint_gap,
     format_profile,
     format_table,
-    machine_info,
     median_runs,
     op_category,
     ordinary_token_ids,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
 import sys
@@ -16,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import run_sides
+from benchmarks import machine_info, run_sides
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 METHODS = ("una_online", "ppo", "grpo", "rloo")
@@ -217,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu", torch.get_num_threads()),
         "command": "python -m benchmarks.online " + " ".join(forwarded),
         "results": results,
         "ppo_memory": memory_check(results),
