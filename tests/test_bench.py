@@ -21,6 +21,8 @@ from benchmarks.bench import (
     fingerprint_gap,
     format_profile,
     format_table,
+    kernel_cell,
+    kernel_usage,
     median_runs,
     op_category,
     ordinary_token_ids,
@@ -448,3 +450,31 @@ def test_the_machine_record_names_the_cpu_model_and_the_kernels_instruction_set(
     info = machine_info("cpu", 2)
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["cpu_model"] == cpu_model()
+
+
+def test_kernel_usage_counts_the_page_faults_of_memory_touched_for_the_first_time(report):
+    import mmap
+
+    size = 64 * 2**20
+    region = mmap.mmap(-1, size)
+    region.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page, not one per 2 MiB huge page
+    before = kernel_usage()
+    for offset in range(0, size, mmap.PAGESIZE):
+        region[offset] = 1
+    touched = kernel_usage() - before
+    again = kernel_usage()
+    for offset in range(0, size, mmap.PAGESIZE):
+        region[offset] = 2
+    retouched = kernel_usage() - again
+    region.close()
+    pages = size // mmap.PAGESIZE
+    assert pages <= touched.minor_faults < pages + 2000
+    assert retouched.minor_faults < 2000  # the pages are resident now: no fault for them
+    assert touched.system_s >= 0
+
+    for row in report["rows"]:
+        assert row["page_faults_per_step"] >= 0 and row["kernel_s_per_step"] >= 0
+    assert kernel_cell({"kernel_s_per_step": 1.234, "page_faults_per_step": 2.5e6}) == "1.23 (2.50 M)"
+    assert kernel_cell({"s_per_step": 3.0}) == "–"  # a record from before the column
+    head, _, *lines = format_table(report["rows"]).splitlines()
+    assert head.count("|") == lines[0].count("|") == 17
