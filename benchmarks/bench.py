@@ -719,8 +719,9 @@ class KernelUsage:
 
 
 def kernel_usage() -> KernelUsage:
-    """Where a step's CPU time goes outside the kernels it runs: a step that hands its memory back to the
-    system and touches it again pays a page fault per page, in kernel time that ``process_time`` counts."""
+    """This process's system CPU time and minor page faults so far: a step that hands its memory back to the
+    operating system and touches it again pays a page fault per page, in system time that ``process_time``
+    counts as the step's own."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -470,7 +470,6 @@ def test_kernel_usage_counts_the_page_faults_of_memory_touched_for_the_first_tim
     pages = size // mmap.PAGESIZE
     assert pages <= touched.minor_faults < pages + 2000
     assert retouched.minor_faults < 2000  # the pages are resident now: no fault for them
-    assert touched.system_s >= 0
 
     for row in report["rows"]:
         assert row["page_faults_per_step"] >= 0 and row["kernel_s_per_step"] >= 0
